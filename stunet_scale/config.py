@@ -1,0 +1,510 @@
+"""Typed run configuration: one dataclass per component, YAML files, dotted CLI overrides.
+
+    cfg = load_config("configs/pretrain/totalseg_stunet_h.yaml", ["optim.lr=0.005", "model.size=L"])
+
+Rules (Lingua's mechanics, made strict):
+- YAML is read with ``yaml.safe_load``; nothing in a config is executed or interpolated.
+- A YAML file may leave keys out (the dataclass default applies) but may not invent keys: an
+  unknown key fails and names the closest valid one.
+- Override values are parsed as YAML scalars/lists (``[1,2]``, ``null``, ``true``, ``1e-3``).
+- Every value is type-checked against the dataclass annotation; errors name the dotted key.
+- ``validate(cfg)`` checks relations between keys at start-up, before any process group exists.
+- The resolved config (presets filled in) is written next to every run and into every checkpoint.
+
+Each field carries a one-line ``help``; ``to_yaml(cfg, comments=True)`` prints it as a comment,
+which is how the shipped recipes under ``configs/`` are written.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .models.stunet import ModelConfig
+
+# ModelConfig lives with the model (the model file must not import the config system); its
+# field help is kept here so the YAML comments cover it too.
+MODEL_HELP = {
+    "size": "preset S/B/L/H (widths 16/32/64/96 x [1,2,4,8,16,16], blocks 1/1/2/3); null = set base_width/blocks_per_stage",
+    "base_width": "channels of stage 0; null = from the preset",
+    "blocks_per_stage": "residual blocks per stage (int or 6 ints); null = from the preset",
+    "width_multipliers": "stage widths as multiples of base_width (six stages)",
+    "in_channels": "input image channels (1 for CT)",
+    "num_classes": "output channels incl. background (105 = STU-Net head on TotalSegmentator v1)",
+    "pool_strides": "stride of each of the five down-samplings, per axis (anisotropic allowed, e.g. [2,2,1])",
+    "kernel_sizes": "conv kernel per stage, per axis (odd)",
+    "deep_supervision": "return one logit map per decoder stage for the deep-supervision loss",
+}
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the dotted key to change."""
+
+
+def knob(default: Any, help: str) -> Any:
+    """A dataclass field with a one-line help text (rendered as the YAML comment)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: _copy(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _copy(value):
+    return copy.deepcopy(value)
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    # [[2,2,2]] * 5 repeats one list object; plain YAML must not turn that into &anchors.
+    def ignore_aliases(self, data):
+        return True
+
+
+# --------------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    root: str = knob("data_shards/demo", "prepared dataset directory (output of `stunet-scale prepare`)")
+    format: Literal["zarr", "wds"] = knob("zarr", "reader: zarr (random access, exact resume) or wds (tar streaming)")
+    patch_size: list[int] = knob([128, 128, 128], "training patch in voxels (each a multiple of the model's total pool stride)")
+    normalization: Literal["zscore", "ct"] = knob("zscore", "zscore = per-image z-score (STU-Net); ct = nnU-Net CT clip + global z-score")
+    oversample_foreground: float = knob(0.33, "nnU-Net rule: the last round(b*p) samples of each batch are forced foreground")
+    case_weighting: Literal["uniform", "split", "class_rarity"] = knob("uniform", "how cases are drawn")
+    spacing: list[float] = knob([1.5, 1.5, 1.5], "voxel spacing (mm) the store was prepared at; checked against manifest.json")
+    class_map: str = knob("stunet", "label order the store was prepared with (stunet, totalseg-v1, totalseg-v2); checked against manifest.json")
+    train_splits: list[str] = knob(["train"], "meta.csv splits used for training")
+    val_splits: list[str] = knob(["val"], "meta.csv splits used for validation")
+    num_workers: int = knob(4, "DataLoader worker processes per rank")
+    prefetch_factor: int = knob(2, "batches prefetched per worker")
+    pin_memory: bool = knob(True, "pin host memory for faster host-to-GPU copies")
+
+
+@dataclass
+class AugmentationConfig:
+    enabled: bool = knob(True, "apply augmentation at all (off = centre crop only)")
+    device: Literal["auto", "gpu", "cpu"] = knob("auto", "where batched augmentation runs: auto = the rank's GPU if any, else CPU workers")
+    rotation_p: float = knob(0.2, "probability a sample is rotated (all three axes)")
+    rotation_max_deg: float = knob(30.0, "rotation angle range +/- degrees per axis")
+    scaling_p: float = knob(0.2, "probability a sample is scaled")
+    scaling_range: list[float] = knob([0.7, 1.4], "isotropic zoom range")
+    noise_p: float = knob(0.1, "probability of additive Gaussian noise")
+    noise_variance: list[float] = knob([0.0, 0.1], "noise variance range")
+    blur_p: float = knob(0.2, "probability of Gaussian blur")
+    blur_sigma: list[float] = knob([0.5, 1.0], "blur sigma range in voxels")
+    brightness_p: float = knob(0.15, "probability of multiplicative brightness")
+    brightness_range: list[float] = knob([0.75, 1.25], "brightness factor range")
+    contrast_p: float = knob(0.15, "probability of contrast change (range preserved)")
+    contrast_range: list[float] = knob([0.75, 1.25], "contrast factor range")
+    lowres_p: float = knob(0.25, "probability of low-resolution simulation")
+    lowres_zoom: list[float] = knob([0.5, 1.0], "down-sampling factor range of the low-res simulation")
+    gamma_inverted_p: float = knob(0.1, "probability of gamma on the inverted image")
+    gamma_p: float = knob(0.3, "probability of gamma")
+    gamma_range: list[float] = knob([0.7, 1.5], "gamma range")
+    mirror: bool = knob(True, "random flips (STU-Net trains with them; TotalSegmentator without, for left/right classes)")
+    mirror_axes: list[int] = knob([0, 1, 2], "spatial axes that may be flipped, each with p=0.5")
+    label_interpolation: Literal["nearest", "linear"] = knob("nearest", "label resampling in spatial transforms: nearest, or nnU-Net's per-label linear")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd"] = knob("sgd", "optimizer (SGD with Nesterov momentum, as nnU-Net)")
+    lr: float = knob(0.01, "peak learning rate at the reference global batch")
+    momentum: float = knob(0.99, "SGD momentum")
+    nesterov: bool = knob(True, "Nesterov momentum")
+    weight_decay: float = knob(3e-5, "L2 weight decay")
+    grad_clip: float = knob(12.0, "clip the global grad norm to this (nnU-Net: 12); 0 disables")
+    lr_scaling: Literal["none", "linear", "sqrt"] = knob("none", "scale lr when global batch differs from reference_global_batch")
+    reference_global_batch: int = knob(2, "global batch the lr was tuned for (paper: 2)")
+    backbone_lr_scale: float = knob(1.0, "lr multiplier for everything except the seg_outputs heads (fine-tuning)")
+
+
+@dataclass
+class LossConfig:
+    dice_weight: float = knob(1.0, "weight of the soft Dice term")
+    ce_weight: float = knob(1.0, "weight of the cross-entropy term")
+    dice_smooth: float = knob(1e-5, "Dice smoothing constant")
+    batch_dice: bool = knob(False, "Dice over the whole batch instead of per sample (STU-Net: per sample)")
+    deep_supervision_weights: list[float] = knob(
+        [8 / 15, 4 / 15, 2 / 15, 1 / 15, 0.0],
+        "loss weight per output, full resolution first (nnU-Net: 1/2^i, last zeroed, normalised)",
+    )
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = knob(4000, "length of the run in epochs (paper: 4000)")
+    samples_per_epoch: int = knob(500, "an epoch is a sample count (paper: 250 steps x batch 2), the same at any world size")
+    global_batch: int = knob(2, "samples per optimizer step over all ranks")
+    micro_batch: int = knob(2, "samples per forward on one rank; accumulation = global_batch / (micro_batch * world)")
+    poly_power: float = knob(0.9, "poly decay exponent: lr * (1 - progress)^power")
+    lr_update: Literal["step", "epoch"] = knob("epoch", "update lr every step, or once per epoch as nnU-Net")
+    warmup_steps: int = knob(0, "linear lr warm-up steps (useful with scaled lr)")
+    max_steps: int | None = knob(None, "stop after this many steps without changing the schedule (smoke tests); null = full run")
+
+
+@dataclass
+class DistributedConfig:
+    backend: Literal["none", "ddp", "deepspeed", "fsdp2"] = knob("deepspeed", "none = one process; ddp; deepspeed (ZeRO 0-3); fsdp2 (fully_shard)")
+    zero_stage: int = knob(3, "DeepSpeed ZeRO stage 0/1/2/3")
+    offload_optimizer: bool = knob(False, "DeepSpeed: keep optimizer states in CPU memory")
+    offload_params: bool = knob(False, "DeepSpeed ZeRO-3: keep parameters in CPU memory")
+    deepspeed_config: str | None = knob(None, "DeepSpeed JSON with extra knobs (buckets, persistence); our keys win on conflict")
+    precision: Literal["bf16", "fp16", "fp32"] = knob("bf16", "compute precision: bf16 autocast; fp16 with loss scaling; fp32")
+    activation_checkpointing: Literal["none", "block", "stage"] = knob("block", "recompute activations per residual block, per stage, or never")
+    channels_last: bool = knob(False, "channels_last_3d memory format (slower with InstanceNorm today)")
+    compile: bool = knob(False, "torch.compile each residual block")
+    timeout_s: int = knob(1800, "collective timeout in seconds (a hung rank fails instead of hanging)")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = knob(12500, "save every N optimizer steps (paper: every 50 epochs)")
+    keep_last: int = knob(3, "rolling checkpoints kept (>= 2: the newest may be mid-write)")
+    milestone_every_steps: int = knob(250000, "also keep every N-th step forever; 0 = none")
+    resume: str = knob("auto", "auto = continue from the newest valid checkpoint in run_dir; never; or a checkpoint path")
+    init_from: str | None = knob(None, "initialise weights from an export or released STU-Net file (fine-tuning)")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = knob(True, "log to MLflow on rank 0")
+    mlflow_uri: str | None = knob(None, "tracking URI; null = sqlite:///<run_dir>/mlflow.db")
+    experiment: str = knob("stunet-pretrain", "MLflow experiment name")
+    run_name: str | None = knob(None, "MLflow run name; null = run_dir's name")
+    log_every_steps: int = knob(10, "one console line and one metrics row every N steps")
+
+
+@dataclass
+class ValidationConfig:
+    enabled: bool = knob(True, "run validation during training")
+    every_epochs: int = knob(50, "full-case sliding-window validation every N epochs")
+    max_cases: int | None = knob(None, "validate on at most this many cases; null = all")
+    step_size: float = knob(0.5, "sliding-window stride as a fraction of the patch")
+    mirroring: bool = knob(False, "mirror test-time augmentation during validation")
+    pseudo_dice_batches: int = knob(1, "training-like patches scored for pseudo-Dice each epoch (nnU-Net style)")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = knob("runs/debug", "where checkpoints, logs, plots and the resolved config go")
+    seed: int = knob(0, "seed of the sample plan and of weight init")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+SECTION_HELP = {
+    "model": "STU-Net architecture",
+    "data": "prepared store and patch sampling",
+    "augmentation": "nnU-Net's augmentation list, batched in torch",
+    "optim": "optimizer",
+    "loss": "Dice + CE with deep supervision",
+    "schedule": "sample budget, batch arithmetic, poly lr",
+    "distributed": "backend, precision, memory",
+    "checkpoint": "saving, retention, resume",
+    "tracking": "MLflow and console",
+    "validation": "sliding-window validation",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# dict -> dataclass with strict keys and types
+# --------------------------------------------------------------------------------------------
+
+
+def from_dict(cls: type, data: dict | None, prefix: str = ""):
+    """Build dataclass ``cls`` from a plain dict; unknown keys and wrong types raise ConfigError."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or '<root>'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(key, names, prefix)}")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _suggest(key: str, names: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid keys here: {', '.join(prefix + n for n in names)}"
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"'{key}' must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"'{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)  # 1e6 in YAML is a float; accept whole numbers
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"'{key}': unsupported annotation {tp}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# YAML and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        # safe_load refuses !!python/... tags: configs never construct objects.
+        raise ConfigError(f"{path}: not a plain YAML config ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings to a nested dict (in place and returned)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    validate_config: bool = True,
+    resolve_presets: bool = True,
+) -> TrainConfig:
+    """YAML file (optional) + dotted overrides -> checked TrainConfig.
+
+    ``resolve_presets=False`` keeps ``model.base_width``/``blocks_per_stage`` null where the file
+    leaves them to the preset; that form is what recipes are written in, so that overriding
+    ``model.size`` on a recipe changes the whole architecture.
+    """
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, list(overrides or []))
+    cfg = from_dict(TrainConfig, data)
+    resolved = resolve(cfg)
+    if validate_config:
+        validate(resolved)
+    return resolved if resolve_presets else cfg
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill derived values (model preset) so the saved config says exactly what ran."""
+    try:
+        model = cfg.model.resolved()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return dataclasses.replace(cfg, model=model)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Relations between keys, checked before any process starts. Messages name the key to change."""
+    m, d, s, o, dist = cfg.model, cfg.data, cfg.schedule, cfg.optim, cfg.distributed
+    div = m.patch_divisor
+    if len(d.patch_size) != 3 or any(p < 1 for p in d.patch_size):
+        raise ConfigError(f"data.patch_size must be 3 positive ints, got {d.patch_size}")
+    for axis, (p, q) in enumerate(zip(d.patch_size, div)):
+        if p % q:
+            raise ConfigError(
+                f"data.patch_size[{axis}]={p} is not a multiple of {q}, the product of model.pool_strides on that axis"
+            )
+    if all(p // q == 1 for p, q in zip(d.patch_size, div)):
+        # InstanceNorm normalises over space; a single bottleneck voxel makes it undefined.
+        raise ConfigError(
+            f"data.patch_size={d.patch_size} leaves a 1x1x1 bottleneck; InstanceNorm needs more than one voxel there. "
+            f"Use a larger patch or fewer/anisotropic model.pool_strides"
+        )
+    if len(cfg.loss.deep_supervision_weights) != len(m.pool_strides):
+        raise ConfigError(
+            f"loss.deep_supervision_weights needs {len(m.pool_strides)} entries (one per decoder output), "
+            f"got {len(cfg.loss.deep_supervision_weights)}"
+        )
+    if m.deep_supervision and sum(cfg.loss.deep_supervision_weights) <= 0:
+        raise ConfigError("loss.deep_supervision_weights must not all be zero")
+    if not 0.0 <= d.oversample_foreground <= 1.0:
+        raise ConfigError(f"data.oversample_foreground must be in [0, 1], got {d.oversample_foreground}")
+    for name in ("epochs", "samples_per_epoch", "global_batch", "micro_batch"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"schedule.{name} must be >= 1, got {getattr(s, name)}")
+    if s.global_batch % s.micro_batch:
+        raise ConfigError(
+            f"schedule.global_batch={s.global_batch} must be a multiple of schedule.micro_batch={s.micro_batch}"
+        )
+    if s.max_steps is not None and s.max_steps < 1:
+        raise ConfigError("schedule.max_steps must be >= 1 or null")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+    if o.grad_clip < 0:
+        raise ConfigError("optim.grad_clip must be >= 0 (0 disables clipping)")
+    if dist.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"distributed.zero_stage must be 0, 1, 2 or 3, got {dist.zero_stage}")
+    if dist.offload_params and (dist.backend != "deepspeed" or dist.zero_stage != 3):
+        raise ConfigError("distributed.offload_params needs distributed.backend=deepspeed and distributed.zero_stage=3")
+    if dist.offload_optimizer and dist.backend != "deepspeed":
+        raise ConfigError("distributed.offload_optimizer needs distributed.backend=deepspeed")
+    if cfg.checkpoint.keep_last < 2:
+        raise ConfigError("checkpoint.keep_last must be >= 2: the newest checkpoint may be the one being written")
+    if cfg.checkpoint.every_steps < 1:
+        raise ConfigError("checkpoint.every_steps must be >= 1")
+    if cfg.tracking.log_every_steps < 1:
+        raise ConfigError("tracking.log_every_steps must be >= 1")
+    if not 0 < cfg.validation.step_size <= 1:
+        raise ConfigError("validation.step_size must be in (0, 1]")
+
+
+def world_batch_arithmetic(cfg: TrainConfig, world_size: int) -> dict[str, int]:
+    """Gradient accumulation and step counts for a given world size, or a ConfigError naming the key."""
+    s = cfg.schedule
+    per_step_per_rank = s.global_batch / world_size
+    if s.global_batch % (s.micro_batch * world_size):
+        raise ConfigError(
+            f"schedule.global_batch={s.global_batch} is not divisible by schedule.micro_batch={s.micro_batch} x "
+            f"{world_size} ranks; change schedule.global_batch or schedule.micro_batch"
+        )
+    total_samples = s.epochs * s.samples_per_epoch
+    return {
+        "world_size": world_size,
+        "grad_accumulation": int(per_step_per_rank // s.micro_batch),
+        "total_samples": total_samples,
+        "total_steps": -(-total_samples // s.global_batch),
+        "steps_per_epoch": -(-s.samples_per_epoch // s.global_batch),
+    }
+
+
+def flatten(cfg, prefix: str = "") -> dict[str, Any]:
+    """Dotted-key view of a config (MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in (to_dict(cfg) if is_dataclass(cfg) else cfg).items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _help_for(cls: type, name: str) -> str:
+    if cls is ModelConfig:
+        return MODEL_HELP.get(name, "")
+    for f in fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    return ""
+
+
+def to_yaml(cfg, comments: bool = True, header: str | None = None) -> str:
+    """YAML text of a config; with ``comments`` each key gets its help as a trailing comment."""
+    lines = [f"# {line}" for line in header.splitlines()] if header else []
+
+    def scalar(v) -> str:
+        text = yaml.dump(v, Dumper=_NoAliasDumper, default_flow_style=True, width=10_000).strip()
+        return text[:-4].strip() if text.endswith("\n...") or text.endswith("...") else text
+
+    def emit(obj, indent: int) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            pad = "  " * indent
+            if is_dataclass(value):
+                note = f"  # {SECTION_HELP[f.name]}" if comments and f.name in SECTION_HELP else ""
+                lines.append(f"{pad}{f.name}:{note}")
+                emit(value, indent + 1)
+            else:
+                help_text = _help_for(type(obj), f.name)
+                note = f"  # {help_text}" if comments and help_text else ""
+                lines.append(f"{pad}{f.name}: {scalar(value)}{note}")
+
+    emit(cfg, 0)
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(to_yaml(cfg, comments=True, header="resolved stunet-scale config (every default filled in)"))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,1 @@
+"""The data path: raw datasets -> prepared store -> sample plan -> patches -> augmentation."""

@@ -1,0 +1,126 @@
+"""Config mechanics: YAML + dotted overrides, strict keys with suggestions, typed values, safe YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stunet_scale.config import (
+    ConfigError, TrainConfig, flatten, from_dict, load_config, save_config, to_yaml, world_batch_arithmetic,
+)
+
+from conftest import REPO
+
+RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
+TRAIN_RECIPES = [p for p in RECIPES if p.parent.name in ("pretrain", "finetune") or p.name == "debug.yaml"]
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = load_config()
+    assert cfg.optim.lr == 0.01 and cfg.optim.momentum == 0.99 and cfg.optim.nesterov
+    assert cfg.optim.weight_decay == 3e-5 and cfg.optim.grad_clip == 12
+    assert cfg.schedule.epochs * cfg.schedule.samples_per_epoch == 2_000_000
+    assert [round(w, 4) for w in cfg.loss.deep_supervision_weights] == [0.5333, 0.2667, 0.1333, 0.0667, 0.0]
+    assert cfg.data.oversample_foreground == 0.33 and cfg.data.normalization == "zscore"
+    assert cfg.augmentation.mirror
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(None, ["model.size=H", "optim.lr=0.005", "data.patch_size=[96,96,96]", "schedule.max_steps=10",
+                             "checkpoint.init_from=null", "model.pool_strides=[[2,2,1],[2,2,2],[2,2,2],[2,2,2],[1,1,2]]"])
+    assert cfg.model.size == "H" and cfg.model.base_width == 96 and cfg.model.blocks_per_stage == [3] * 6
+    assert cfg.optim.lr == 0.005 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.patch_size == [96, 96, 96] and cfg.schedule.max_steps == 10
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("optimm.lr=0.1", "did you mean 'optim'?"),
+    ("data.patchsize=[1,2,3]", "did you mean 'data.patch_size'?"),
+    ("optim.lr=fast", "'optim.lr' must be a number"),
+    ("schedule.epochs=1.5", "'schedule.epochs' must be an integer"),
+    ("optim.nesterov=1", "'optim.nesterov' must be true or false"),
+    ("distributed.backend=horovod", "'distributed.backend' must be one of"),
+    ("data.patch_size=128", "'data.patch_size' must be a list"),
+    ("model.size=XL", "model.size='XL' is not a preset"),
+])
+def test_bad_keys_and_types_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["data.patch_size=[100,128,128]"], "data.patch_size[0]"),
+    (["data.patch_size=[32,32,32]"], "bottleneck"),
+    (["schedule.global_batch=3"], "schedule.global_batch"),
+    (["checkpoint.keep_last=1"], "checkpoint.keep_last"),
+    (["loss.deep_supervision_weights=[1,1]"], "loss.deep_supervision_weights"),
+    (["distributed.offload_params=true", "distributed.zero_stage=2"], "distributed.offload_params"),
+])
+def test_cross_key_validation_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, overrides)
+
+
+def test_yaml_is_never_executed(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    marker = tmp_path / "pwned"
+    evil.write_text(f"run_dir: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not a plain YAML config"):
+        load_config(evil)
+    assert not marker.exists()
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["model.size=L", "optim.lr=0.003"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(path)
+    assert again == cfg
+    assert yaml.safe_load(path.read_text())["model"]["base_width"] == 64
+
+
+def test_flatten_gives_dotted_params():
+    flat = flatten(load_config())
+    assert flat["optim.lr"] == 0.01 and flat["model.size"] == "B" and "distributed.zero_stage" in flat
+
+
+def test_batch_arithmetic_follows_world_size():
+    cfg = load_config(None, ["schedule.global_batch=16", "schedule.micro_batch=2"])
+    a = world_batch_arithmetic(cfg, 4)
+    assert a["grad_accumulation"] == 2 and a["total_steps"] == 2_000_000 // 16
+    with pytest.raises(ConfigError, match="schedule.global_batch"):
+        world_batch_arithmetic(cfg, 3)
+
+
+@pytest.mark.parametrize("path", TRAIN_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_recipes_load_list_every_key_and_comment_it(path):
+    load_config(path)  # validates
+    raw = yaml.safe_load(path.read_text())
+    defaults = dataclasses.asdict(TrainConfig())
+    missing = sorted(set(flatten(defaults)) - set(flatten(raw)))
+    assert not missing, f"{path.name} does not list {missing}; run `stunet-scale config --config {path} --rewrite`"
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert "  # " in line, f"{path.name}:{number} has no comment: {line!r}"
+
+
+def test_pretrain_recipes_are_the_paper_recipe_per_size():
+    for size in "sblh":
+        cfg = load_config(REPO / f"configs/pretrain/totalseg_stunet_{size}.yaml")
+        assert cfg.model.size == size.upper()
+        assert (cfg.schedule.epochs, cfg.schedule.samples_per_epoch, cfg.schedule.global_batch) == (4000, 500, 2)
+        assert cfg.data.patch_size == [128, 128, 128] and cfg.data.spacing == [1.5] * 3
+        assert cfg.optim.lr == 0.01 and cfg.augmentation.mirror and cfg.data.normalization == "zscore"
+
+
+def test_from_dict_rejects_non_mapping_section():
+    with pytest.raises(ConfigError, match="'optim' must be a mapping"):
+        from_dict(TrainConfig, {"optim": 3})
+
+
+def test_to_yaml_has_no_anchors():
+    assert "&id" not in to_yaml(load_config())
