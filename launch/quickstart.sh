@@ -6,6 +6,24 @@ cd "$(dirname "$0")/.."
 [ "${STUNET_SKIP_INSTALL:-0}" = 1 ] || bash launch/install.sh
 PATH="$PWD/.venv/bin:$PATH"
 
+# Presets (params, FLOPs per 128^3 patch), class maps and what this machine has.
 stunet-scale info
-# The model zoo's contract with the released checkpoints (keys, shapes, params, FLOPs).
-python -m pytest -q tests/test_model_contract.py tests/test_flops.py
+
+# Demo data: 8 synthetic CTs in the TotalSegmentator layout -> a validated Zarr v3 + WebDataset store.
+# Skipped when already there, so re-running the quickstart is cheap.
+if [ ! -f data_shards/demo/manifest.json ]; then
+    stunet-scale demo-data data_shards/demo_raw --cases 8
+    stunet-scale prepare data_shards/demo_raw data_shards/demo --classes stunet
+fi
+# Train the tiny STU-Net of configs/debug.yaml (300 steps, checkpoints every 100, validation, MLflow in
+# runs/debug/mlflow.db). `checkpoint.resume: auto`: a re-run continues, or finds the run finished and exits 0.
+stunet-scale train --config configs/debug.yaml
+
+# Export the newest checkpoint in every transfer format: STU-Net .model/.pth, a stock nnU-Net v2
+# model folder, safetensors + config.json + model card. Each format is read back and compared
+# bit for bit before the folder appears.
+stunet-scale export runs/debug runs/debug/export --overwrite
+# What a downstream team tries first: segment a CT with the export, output in the input's geometry.
+case=$(ls data_shards/demo_raw | grep -m1 '^s')
+stunet-scale predict runs/debug/export data_shards/demo_raw/"$case"/ct.nii.gz runs/debug/prediction/"$case".nii.gz
+echo "quickstart done: run dir runs/debug (MLflow: runs/debug/mlflow.db), export runs/debug/export, prediction runs/debug/prediction"

@@ -86,19 +86,67 @@ def _add_config(sub) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _setup_logging() -> None:
+    import logging
+
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare_dataset
+    from .data.sources import DatasetError
+
+    _setup_logging()
+    try:
+        result = prepare_dataset(
+            args.source, args.out, layout=args.layout, classes=args.classes, spacing=tuple(args.spacing),
+            format=args.format, workers=args.workers, threads=args.threads, image_interpolation=args.image_interp,
+            label_interpolation=args.label_interp, crop=args.crop, cases_per_shard=args.cases_per_shard,
+            shard_index=args.shard_index, num_shards=args.num_shards, finalize=args.finalize,
+            max_quarantine_fraction=args.max_quarantine_fraction, verify=args.verify,
+        )
+    except DatasetError as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return int(result["exit_code"])
+
+
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="raw TotalSegmentator / nnU-Net dataset -> validated Zarr v3 store + WebDataset shards")
     p.add_argument("source", help="dataset root (TotalSegmentator layout or nnU-Net raw dataset)")
     p.add_argument("out", help="output directory (store.zarr, wds/, manifest.json, quarantine.jsonl)")
     p.add_argument("--layout", choices=["totalseg", "nnunet", "auto"], default="auto")
-    p.add_argument("--classes", default="auto", help="class map: totalseg-v1, totalseg-v2, stunet or auto")
-    p.add_argument("--spacing", type=float, default=1.5, help="target isotropic spacing in mm")
+    p.add_argument("--classes", default="auto",
+                   help="class map: totalseg-v1, totalseg-v2, stunet (STU-Net head order) or auto (from the mask names / dataset.json)")
+    p.add_argument("--spacing", type=float, nargs="+", default=[1.5], help="target spacing in mm: one value (isotropic) or three")
     p.add_argument("--format", choices=["zarr", "wds", "both"], default="both")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this node")
+    p.add_argument("--threads", type=int, default=None, help="gunzip threads per worker (default: cores / workers, at most 4)")
+    p.add_argument("--image-interp", choices=["cubic", "linear"], default="cubic",
+                   help="image resampling: cubic (order-3 spline, nnU-Net) or linear")
+    p.add_argument("--label-interp", choices=["nearest", "linear"], default="nearest",
+                   help="label resampling: nearest, or linear = nnU-Net's per-label linear (slower, smoother borders)")
+    p.add_argument("--crop", choices=["auto", "body", "nonzero", "none"], default="auto",
+                   help="crop to: body (CT > -500 HU or labelled), nonzero (nnU-Net), none; auto = body for CT")
+    p.add_argument("--cases-per-shard", type=int, default=4, help="cases per WebDataset shard")
     p.add_argument("--shard-index", type=int, default=None, help="this slice of the case list (Slurm array task id)")
     p.add_argument("--num-shards", type=int, default=None, help="number of slices the case list is split into")
     p.add_argument("--finalize", action="store_true", help="merge per-slice manifests and check nothing is missing")
-    p.set_defaults(func=_not_yet("prepare", 3))
+    p.add_argument("--max-quarantine-fraction", type=float, default=0.05,
+                   help="exit 1 when more than this fraction of cases is quarantined")
+    p.add_argument("--verify", action="store_true", help="re-check finished cases by checksum (not only file sizes)")
+    p.set_defaults(func=_prepare)
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from .data.demo import write_demo_dataset
+
+    _setup_logging()
+    out = write_demo_dataset(args.out, cases=args.cases, seed=args.seed, classes=args.classes)
+    print(f"wrote {args.cases} demo case(s) to {out}")
+    return 0
 
 
 def _add_demo_data(sub) -> None:
@@ -106,7 +154,9 @@ def _add_demo_data(sub) -> None:
     p.add_argument("out", help="output dataset root")
     p.add_argument("--cases", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_not_yet("demo-data", 3))
+    p.add_argument("--classes", choices=["totalseg-v2", "totalseg-v1"], default="totalseg-v2",
+                   help="mask names and count of the TotalSegmentator release to imitate")
+    p.set_defaults(func=_demo_data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,21 +170,61 @@ def _add_train(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="validate the configuration for --world-size ranks and exit")
     p.add_argument("--world-size", type=int, default=None, help="ranks to validate against with --dry-run")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.005")
-    p.set_defaults(func=_not_yet("train", 5))
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.dry_run:  # one process, no ranks started (issue 7); training itself is issue 5's
+        from .config import load_config
+        from .planning import dry_run
+
+        return dry_run(load_config(args.config, args.overrides), args.world_size)
+    from .train.__main__ import main as train_main  # exit codes: stunet_scale.train
+
+    return train_main((["--config", args.config] if args.config else []) + list(args.overrides))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .planning import run_plan_cli
+
+    return run_plan_cli(args)
 
 
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="predict per-GPU memory, step time and GPU-hours; recommend a setting")
     p.add_argument("--size", choices=["S", "B", "L", "H"], default="H")
-    p.add_argument("--patch", type=int, default=128)
-    p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--patch", type=int, nargs="+", default=[128], help="patch edge, or three edges")
+    p.add_argument("--micro-batch", type=int, default=2, help="patches per forward per GPU")
+    p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs in total")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="above this, gradients cross InfiniBand")
     p.add_argument("--gpu-mem-gb", type=float, default=80.0)
-    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=None)
-    p.add_argument("--checkpointing", choices=["block", "stage", "none"], default=None)
-    p.add_argument("--offload", choices=["none", "optimizer", "params"], default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_not_yet("plan", 7))
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=None, help="fix the ZeRO stage (0 = DDP)")
+    p.add_argument("--checkpointing", choices=["block", "stage", "none"], default=None, help="fix activation checkpointing")
+    p.add_argument("--offload", choices=["none", "optimizer", "params"], default=None, help="fix DeepSpeed CPU offload")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    p.add_argument("--grad-accumulation", type=int, default=1)
+    p.add_argument("--samples", type=int, default=2_000_000, help="patch budget (paper: 4000 epochs x 500 = 2M)")
+    p.add_argument("--tflops", type=float, default=None,
+                   help="achieved TFLOP/s per GPU (measure with `stunet-scale bench train`); default: a stated A100 estimate")
+    p.add_argument("--headroom", type=float, default=0.10, help="fraction of the card kept free (context, fragmentation)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_plan)
+
+
+def _bench_prepare(args: argparse.Namespace) -> int:
+    from .bench.prepare import format_report, run_benchmark
+
+    _setup_logging()
+    result = run_benchmark(args.source, cases=args.cases)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
+def _bench_data(args: argparse.Namespace) -> int:
+    from .bench.data import run_data_bench_cli
+
+    return run_data_bench_cli(args)
 
 
 def _add_bench(sub) -> None:
@@ -142,19 +232,37 @@ def _add_bench(sub) -> None:
     which = p.add_subparsers(dest="bench", metavar="{prepare,data,train}")
     which.required = True
     b = which.add_parser("prepare", help="preprocessing seconds per case and bytes per voxel vs nnU-Net v2")
-    b.add_argument("source")
+    b.add_argument("source", help="a TotalSegmentator-layout dataset (e.g. from `stunet-scale demo-data`)")
+    b.add_argument("--cases", type=int, default=None, help="use the first N cases (default all)")
     b.add_argument("--json", action="store_true")
-    b.set_defaults(func=_not_yet("bench prepare", 3))
+    b.set_defaults(func=_bench_prepare)
     b = which.add_parser("data", help="patches/s per core: our CPU path, our CPU augmentation, nnU-Net's transforms")
     b.add_argument("prepared_dir")
     b.add_argument("--json", action="store_true")
-    b.set_defaults(func=_not_yet("bench data", 4))
+    b.add_argument("--patches", type=int, default=40, help="patches timed for our two paths")
+    b.add_argument("--nnunet-patches", type=int, default=12, help="patches timed for nnU-Net (up to seconds each)")
+    b.add_argument("--patch", type=int, default=128, help="patch edge in voxels")
+    b.set_defaults(func=_bench_data)
     b = which.add_parser("train", help="patches/s, TFLOP/s, peak memory of our step vs the released STU-Net step")
     b.add_argument("--size", choices=["S", "B", "L", "H"], default="B")
     b.add_argument("--patch", type=int, default=128)
     b.add_argument("--batch", type=int, default=2)
     b.add_argument("--json", action="store_true")
-    b.set_defaults(func=_not_yet("bench train", 5))
+    b.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, allocator)")
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    b.add_argument("--num-classes", type=int, default=105)
+    b.add_argument("--base-width", type=int, default=None, help="a tiny STU-Net of this width instead of --size (CPU smoke)")
+    b.add_argument("--checkpointing", choices=["block", "stage", "none"], default="block", help="our activation checkpointing")
+    b.add_argument("--compile", action="store_true", help="our step with torch.compile per block")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    b.set_defaults(func=_bench_train)
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    from .bench.train import run
+
+    return run(args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,20 +270,49 @@ def _add_bench(sub) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export.exporter import run_export
+
+    return run_export(args)
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="checkpoint -> STU-Net .model/.pth, nnU-Net v2 folder, safetensors + card")
-    p.add_argument("source", help="run directory or checkpoint")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--formats", nargs="+", default=None, help="subset of: stunet nnunet safetensors (default all)")
-    p.set_defaults(func=_not_yet("export", 6))
+    p.add_argument("source", help="run directory or checkpoint; also one of our exports or a released STU-Net file")
+    p.add_argument("out", help="output directory (must be empty unless --overwrite)")
+    p.add_argument("--formats", nargs="+", default=None, choices=["stunet", "nnunet", "safetensors"],
+                   help="subset of: stunet (.model + .pth) nnunet (model folder) safetensors (+ config + card); default all")
+    p.add_argument("--name", default=None, help="file stem of the .model (default: base_ep4k style from size and epochs)")
+    p.add_argument("--nnunet-dataset-id", type=int, default=900, help="DatasetNNN id of the nnU-Net folder (1-999)")
+    p.add_argument("--license", default="other", help="license id for the model card's front matter")
+    p.add_argument("--manifest", default=None,
+                   help="the prepared store's manifest.json (label names, CT statistics) if data.root is not reachable")
+    p.add_argument("--validation", default=None, help="JSON with per-class validation Dice for the model card")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--no-verify", action="store_true", help="skip reading every format back for a bit-exact check")
+    p.set_defaults(func=_export)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import run_predict
+
+    return run_predict(args)
 
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="segment NIfTI CTs with a checkpoint (sliding window, input geometry kept)")
-    p.add_argument("checkpoint")
-    p.add_argument("input", help="NIfTI file or folder")
-    p.add_argument("output", help="NIfTI file or folder")
-    p.set_defaults(func=_not_yet("predict", 6))
+    p.add_argument("checkpoint", help="export folder/file, released STU-Net .model/.pth, or a training run")
+    p.add_argument("input", help="NIfTI file or folder (multi-channel models: case_0000.nii.gz, case_0001.nii.gz, ...)")
+    p.add_argument("output", help="NIfTI file (one case) or folder")
+    p.add_argument("--classes", nargs="+", default=None, help="keep only these classes (names or label values)")
+    p.add_argument("--mirror", action="store_true", help="mirroring test-time augmentation (up to 8x slower)")
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast dtype; auto = bf16 on GPU, fp32 on CPU")
+    p.add_argument("--step-size", type=float, default=0.5, help="sliding-window stride as a fraction of the patch")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward")
+    p.add_argument("--skip-existing", action="store_true", help="do not redo cases whose output exists")
+    p.set_defaults(func=_predict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,11 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
+    except Exception as e:
+        # imported only on error: stunet_scale.config pulls in torch (~3 s), which `prepare` and
+        # `demo-data` on CPU-only preprocessing nodes never need
+        from .config import ConfigError
+
+        if not isinstance(e, ConfigError):
+            raise
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

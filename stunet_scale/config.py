@@ -78,7 +78,8 @@ class DataConfig:
     patch_size: list[int] = knob([128, 128, 128], "training patch in voxels (each a multiple of the model's total pool stride)")
     normalization: Literal["zscore", "ct"] = knob("zscore", "zscore = per-image z-score (STU-Net); ct = nnU-Net CT clip + global z-score")
     oversample_foreground: float = knob(0.33, "nnU-Net rule: the last round(b*p) samples of each batch are forced foreground")
-    case_weighting: Literal["uniform", "split", "class_rarity"] = knob("uniform", "how cases are drawn")
+    case_weighting: Literal["uniform", "split", "class_rarity"] = knob("uniform", "how cases are drawn: uniform; split = each train split gets split_weights' share; class_rarity = a uniformly drawn class, then a case containing it")
+    split_weights: list[float] = knob([], "case_weighting=split: one weight per data.train_splits entry; [] = equal shares")
     spacing: list[float] = knob([1.5, 1.5, 1.5], "voxel spacing (mm) the store was prepared at; checked against manifest.json")
     class_map: str = knob("stunet", "label order the store was prepared with (stunet, totalseg-v1, totalseg-v2); checked against manifest.json")
     train_splits: list[str] = knob(["train"], "meta.csv splits used for training")
@@ -86,12 +87,14 @@ class DataConfig:
     num_workers: int = knob(4, "DataLoader worker processes per rank")
     prefetch_factor: int = knob(2, "batches prefetched per worker")
     pin_memory: bool = knob(True, "pin host memory for faster host-to-GPU copies")
+    wds_buffer_cases: int = knob(4, "format=wds: decoded volumes each worker keeps to draw patches from")
+    wds_patches_per_case: int = knob(8, "format=wds: patches drawn from a volume before it leaves the buffer")
 
 
 @dataclass
 class AugmentationConfig:
     enabled: bool = knob(True, "apply augmentation at all (off = centre crop only)")
-    device: Literal["auto", "gpu", "cpu"] = knob("auto", "where batched augmentation runs: auto = the rank's GPU if any, else CPU workers")
+    device: Literal["auto", "gpu", "cpu"] = knob("auto", "where batched augmentation runs: gpu = on the rank's device in the main process; cpu = in the DataLoader workers; auto = gpu if the rank has a GPU, else cpu")
     rotation_p: float = knob(0.2, "probability a sample is rotated (all three axes)")
     rotation_max_deg: float = knob(30.0, "rotation angle range +/- degrees per axis")
     scaling_p: float = knob(0.2, "probability a sample is scaled")
@@ -100,12 +103,14 @@ class AugmentationConfig:
     noise_variance: list[float] = knob([0.0, 0.1], "noise variance range")
     blur_p: float = knob(0.2, "probability of Gaussian blur")
     blur_sigma: list[float] = knob([0.5, 1.0], "blur sigma range in voxels")
+    blur_per_channel_p: float = knob(0.5, "when blur fires, probability each channel is blurred (nnU-Net: 0.5)")
     brightness_p: float = knob(0.15, "probability of multiplicative brightness")
     brightness_range: list[float] = knob([0.75, 1.25], "brightness factor range")
     contrast_p: float = knob(0.15, "probability of contrast change (range preserved)")
     contrast_range: list[float] = knob([0.75, 1.25], "contrast factor range")
     lowres_p: float = knob(0.25, "probability of low-resolution simulation")
     lowres_zoom: list[float] = knob([0.5, 1.0], "down-sampling factor range of the low-res simulation")
+    lowres_per_channel_p: float = knob(0.5, "when low-res simulation fires, probability per channel (nnU-Net: 0.5)")
     gamma_inverted_p: float = knob(0.1, "probability of gamma on the inverted image")
     gamma_p: float = knob(0.3, "probability of gamma")
     gamma_range: list[float] = knob([0.7, 1.5], "gamma range")
@@ -157,11 +162,14 @@ class DistributedConfig:
     zero_stage: int = knob(3, "DeepSpeed ZeRO stage 0/1/2/3")
     offload_optimizer: bool = knob(False, "DeepSpeed: keep optimizer states in CPU memory")
     offload_params: bool = knob(False, "DeepSpeed ZeRO-3: keep parameters in CPU memory")
-    deepspeed_config: str | None = knob(None, "DeepSpeed JSON with extra knobs (buckets, persistence); our keys win on conflict")
+    deepspeed_config: str | None = knob(None, "DeepSpeed JSON with extra knobs (buckets, persistence); null = $ACCELERATE_DEEPSPEED_CONFIG_FILE if set; our keys win on conflict")
+    fsdp_reshard_after_forward: bool = knob(True, "FSDP2: free gathered params after forward (ZeRO-3-like); false keeps them for backward (ZeRO-2-like)")
     precision: Literal["bf16", "fp16", "fp32"] = knob("bf16", "compute precision: bf16 autocast; fp16 with loss scaling; fp32")
     activation_checkpointing: Literal["none", "block", "stage"] = knob("block", "recompute activations per residual block, per stage, or never")
     channels_last: bool = knob(False, "channels_last_3d memory format (slower with InstanceNorm today)")
     compile: bool = knob(False, "torch.compile each residual block")
+    deterministic: bool = knob(False, "bitwise-reproducible GPU kernels (slower): cudnn.deterministic, no cudnn.benchmark")
+    cudnn_check: Literal["error", "warn", "off"] = knob("error", "on CUDA, probe at start that bf16 conv3d runs on a known-good cuDNN (torch 2.9.0 / cuDNN 9.8-9.10 are not)")
     timeout_s: int = knob(1800, "collective timeout in seconds (a hung rank fails instead of hanging)")
 
 
@@ -172,6 +180,8 @@ class CheckpointConfig:
     milestone_every_steps: int = knob(250000, "also keep every N-th step forever; 0 = none")
     resume: str = knob("auto", "auto = continue from the newest valid checkpoint in run_dir; never; or a checkpoint path")
     init_from: str | None = knob(None, "initialise weights from an export or released STU-Net file (fine-tuning)")
+    portable_copy: bool = knob(True, "DeepSpeed/DDP: also write world-size-independent fp32 params + momentum (resume on another world size, export); FSDP2's DCP reshards by itself")
+    rollback_after_skips: int = knob(5, "after this many consecutive non-finite steps reload the last checkpoint; a second rollback to the same checkpoint stops the run")
 
 
 @dataclass
@@ -431,6 +441,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("checkpoint.keep_last must be >= 2: the newest checkpoint may be the one being written")
     if cfg.checkpoint.every_steps < 1:
         raise ConfigError("checkpoint.every_steps must be >= 1")
+    if cfg.checkpoint.rollback_after_skips < 1:
+        raise ConfigError("checkpoint.rollback_after_skips must be >= 1")
+    if dist.backend == "fsdp2" and dist.precision == "fp16":
+        raise ConfigError("distributed.precision=fp16 is not supported with distributed.backend=fsdp2; use bf16 (no loss scaling needed)")
+    if dist.timeout_s < 1:
+        raise ConfigError("distributed.timeout_s must be >= 1")
     if cfg.tracking.log_every_steps < 1:
         raise ConfigError("tracking.log_every_steps must be >= 1")
     if not 0 < cfg.validation.step_size <= 1:

@@ -1,0 +1,106 @@
+"""Full fp32 weights out of any training checkpoint, in one process, without a GPU.
+
+This is what ``stunet-scale export`` builds on (issue 6) and what a user reaches for to inspect a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from .commit import CheckpointError, list_checkpoints, resolve_newest_valid, verify
+from .portable import DCPReader, PortableReader
+from .state import CONFIG_FILE, STATE_FILE, TrainerState
+
+# Wrappers that prefix parameter names; the released STU-Net keys have none of them.
+_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+@dataclass
+class ConsolidatedCheckpoint:
+    state_dict: dict[str, torch.Tensor]  # fp32, CPU, released STU-Net keys
+    config: dict  # resolved TrainConfig of the run, as a plain dict
+    step: int
+    samples_seen: int
+    meta: dict = field(default_factory=dict)  # path, backend, world_size, mlflow_run_id, git_revision, ...
+
+
+def clean_key(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+        key = key.replace("._orig_mod.", ".").replace("._checkpoint_wrapped_module.", ".")
+    return key
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A run dir, its ``checkpoints/`` dir, or one checkpoint dir -> one verified checkpoint dir."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if (path / STATE_FILE).is_file():
+        ok, reason = verify(path)
+        if not ok:
+            raise CheckpointError(f"{path} is not a valid checkpoint: {reason}")
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not list_checkpoints(root):
+        raise CheckpointError(f"{path}: no checkpoints found (expected a run dir, its checkpoints/ or a step_* dir)")
+    found = resolve_newest_valid(root, env=None, quarantine=False)
+    assert found is not None
+    return found
+
+
+def load_consolidated(path: str | Path) -> ConsolidatedCheckpoint:
+    """Load full fp32 weights, resolved config and counters from a training checkpoint.
+
+    ``path`` may be a run directory (its newest *valid* checkpoint is used; corrupt newer ones are
+    skipped with an error log), its ``checkpoints/`` directory, or one ``step_*`` directory.
+    Works for every backend (one process, DDP, FSDP2/DCP, DeepSpeed ZeRO 0-3) and any training
+    world size, on CPU, without a process group. Memory: about one fp32 copy of the model
+    (tensors are read one at a time from memory-mapped safetensors or DCP files).
+
+    Returns a ``ConsolidatedCheckpoint`` with ``state_dict`` keyed exactly like the released
+    STU-Net checkpoints (no ``module.``/``_orig_mod.`` prefixes), ``config`` (the run's resolved
+    ``TrainConfig`` as a dict), ``step``, ``samples_seen`` and ``meta`` (checkpoint path, backend,
+    world size, MLflow run id, git revision, run name).
+
+    Raises ``CheckpointError`` naming the directory when nothing valid is found, and for a
+    DeepSpeed checkpoint written with ``checkpoint.portable_copy=false`` (convert it with
+    DeepSpeed's ``zero_to_fp32.py`` instead).
+    """
+    ckpt = find_checkpoint(path)
+    state = TrainerState.from_file(ckpt / STATE_FILE)
+    if (ckpt / "portable" / "index.json").is_file():
+        reader = PortableReader(ckpt / "portable")
+        source = "portable"
+    elif state.backend == "fsdp2" and (ckpt / "native" / ".metadata").is_file():
+        reader = DCPReader(ckpt / "native")
+        source = "dcp"
+    else:
+        raise CheckpointError(
+            f"{ckpt}: no portable/ copy of the weights (written with checkpoint.portable_copy=false). "
+            f"Consolidate with: python {ckpt / 'native' / 'zero_to_fp32.py'} {ckpt / 'native'} OUT_DIR"
+        )
+    state_dict = {clean_key(k): v.float().contiguous() for k, v in reader.state_dict().items()}
+    reader.close()
+    config = yaml.safe_load((ckpt / CONFIG_FILE).read_text()) if (ckpt / CONFIG_FILE).is_file() else {}
+    meta = {
+        "path": str(ckpt),
+        "source": source,
+        "backend": state.backend,
+        "zero_stage": state.zero_stage,
+        "world_size": state.world_size,
+        "mlflow_run_id": state.mlflow_run_id,
+        "git_revision": state.git_revision,
+        "run_name": state.run_name,
+        "optimizer_steps": state.optimizer_steps,
+        "skipped_nonfinite": state.skipped_nonfinite,
+    }
+    return ConsolidatedCheckpoint(state_dict, config, state.step, state.samples_seen, meta)

@@ -1,0 +1,254 @@
+"""``stunet-scale export SOURCE OUT``: one checkpoint -> every format downstream teams load.
+
+    OUT/
+      stunet/<name>.model                 nnU-Net v1 / STU-Net release layout: {"state_dict", "epoch", ...}
+      stunet/checkpoint_final.pth         nnU-Net v2 trainer layout: {"network_weights", "init_args", ...}
+      nnunet/DatasetNNN_<name>/nnUNetTrainer__nnUNetPlans__3d_fullres/
+        dataset.json, plans.json, fold_0/checkpoint_final.pth    drop-in nnUNet_results folder
+      hf/model.safetensors, hf/config.json, hf/README.md          safetensors + spec + model card
+      README.md                           the model card again, at the root
+      SHA256SUMS                          `sha256sum -c SHA256SUMS` checks the copy
+
+SOURCE may be a training run directory or checkpoint (consolidated from any backend and world
+size by ``stunet_scale.checkpointing.load_consolidated``), one of our exports, or a released
+STU-Net file. Everything is written into ``OUT.partial-*`` and renamed into place at the end, so
+an interrupted export never looks complete. Before the rename every written format is read back
+and compared bit-for-bit with the source tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models.stunet import RELEASE_NAMES, STUNet
+from .checkpoint_io import CheckpointError, Weights, read_weights, safe_torch_load
+from .hf_bundle import build_card, build_config_json, write_safetensors
+from .spec import generic_labels
+from .nnunet_folder import (DEFAULT_DATASET_ID, build_dataset_json, build_plans, dataset_name, nnunet_checkpoint,
+                            write_nnunet_folder)
+
+FORMATS = ("stunet", "nnunet", "safetensors")
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    name: str = ""
+    nnunet_folder: Path | None = None
+    seconds: float = 0.0
+
+
+def default_name(weights: Weights) -> str:
+    """``base_ep4k`` like the release when epochs are known, else ``base_step1234``."""
+    size = weights.spec.model.get("size")
+    stem = RELEASE_NAMES.get(size, "stunet") if size else "stunet"
+    t = weights.spec.training or {}
+    epoch = t.get("epoch", t.get("epochs"))
+    if epoch is not None and float(epoch) > 0 and float(epoch).is_integer():
+        ep = int(epoch)
+        return f"{stem}_ep{ep // 1000}k" if ep >= 1000 and ep % 1000 == 0 else f"{stem}_ep{ep}"
+    if t.get("steps"):
+        return f"{stem}_step{int(t['steps'])}"
+    return stem
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_fits(weights: Weights) -> int:
+    """The weights must load strictly into the model the spec describes; returns the parameter count."""
+    with torch.device("meta"):
+        model = STUNet(weights.spec.model_config)
+    target = model.state_dict()
+    sd = weights.state_dict
+    bad = [k for k in target if k not in sd or tuple(sd[k].shape) != tuple(target[k].shape)]
+    extra = [k for k in sd if k not in target]
+    if bad or extra:
+        raise CheckpointError(
+            f"{weights.path}: weights do not match the architecture recorded with them "
+            f"(missing/mismatched: {bad[:3]}, unexpected: {extra[:3]})"
+        )
+    return sum(v.numel() for v in target.values())
+
+
+def export(
+    source: str | Path,
+    out: str | Path,
+    formats: list[str] | None = None,
+    *,
+    name: str | None = None,
+    nnunet_dataset_id: int = DEFAULT_DATASET_ID,
+    license_id: str = "other",
+    manifest: str | Path | None = None,
+    validation: str | Path | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+    log=print,
+) -> ExportResult:
+    t0 = time.time()
+    formats = list(formats or FORMATS)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another OUT or pass --overwrite")
+
+    manifest_dict = json.loads(Path(manifest).read_text()) if manifest else None
+    weights = read_weights(source, manifest=manifest_dict)
+    if validation:
+        weights.spec.training = dict(weights.spec.training, validation=json.loads(Path(validation).read_text()))
+    params = _check_fits(weights)
+    spec = weights.spec
+    name = name or default_name(weights)
+    if spec.labels[1:] == generic_labels(spec.num_classes)[1:]:
+        log(f"export: WARNING label names of the {spec.num_classes} outputs are unknown (class_1, ...); pass "
+            f"--manifest <prepared store>/manifest.json to record them")
+    log(f"export: {weights.path} ({weights.format}), STU-Net {spec.model.get('size') or 'custom'}, "
+        f"{params:,} parameters, {spec.num_classes} classes -> {out} [{', '.join(formats)}]")
+
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    sd = weights.state_dict
+    ds_name = dataset_name(spec, nnunet_dataset_id)
+    export_info = {
+        "source": str(weights.path),
+        "source_format": weights.format,
+        "name": name,
+        "parameters": params,
+        "formats": formats,
+        "nnunet_dataset_id": nnunet_dataset_id,
+        "nnunet_dataset_name": ds_name,
+        "stunet_scale_version": _version(),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "exported_by_git_revision": _git_revision(),
+    }
+    result = ExportResult(out=out, name=name)
+    try:
+        dataset_json = build_dataset_json(spec, ds_name, spec.training.get("num_training_cases"))
+        plans = build_plans(spec, ds_name)
+        pth = partial / "stunet" / "checkpoint_final.pth"
+        if "stunet" in formats or "nnunet" in formats:
+            pth.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(nnunet_checkpoint(sd, spec, plans, dataset_json), pth)
+        if "stunet" in formats:
+            epoch = spec.training.get("epoch", spec.training.get("epochs", 0)) or 0
+            v1 = {
+                "epoch": int(round(float(epoch))),
+                "state_dict": sd,
+                "optimizer_state_dict": None,
+                "lr_scheduler_state_dict": None,
+                "plot_stuff": ([], [], [], []),  # nnU-Net v1 unpacks these four lists when it resumes
+                "stunet_scale_spec": spec.to_dict(),
+            }
+            torch.save(v1, partial / "stunet" / f"{name}.model")
+        if "nnunet" in formats:
+            folder = write_nnunet_folder(partial / "nnunet", pth, spec, plans, dataset_json, ds_name)
+            result.nnunet_folder = out / folder.relative_to(partial)
+        if "nnunet" in formats and "stunet" not in formats:
+            shutil.rmtree(partial / "stunet")
+        if "safetensors" in formats:
+            hf = partial / "hf"
+            hf.mkdir()
+            write_safetensors(sd, hf / "model.safetensors", spec)
+            (hf / "config.json").write_text(json.dumps(build_config_json(spec, export_info), indent=2) + "\n")
+        if verify:
+            _verify(partial, sd, log)
+        files = {str(p.relative_to(partial)): sha256_file(p) for p in sorted(partial.rglob("*")) if p.is_file()}
+        card = build_card(spec, export_info, files, license_id)
+        if "safetensors" in formats:
+            (partial / "hf" / "README.md").write_text(card)
+        (partial / "README.md").write_text(card)
+        files = {str(p.relative_to(partial)): sha256_file(p) for p in sorted(partial.rglob("*")) if p.is_file()}
+        (partial / "SHA256SUMS").write_text("".join(f"{d}  {n}\n" for n, d in sorted(files.items())))
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    result.files = files
+    result.seconds = time.time() - t0
+    log(f"export: wrote {len(files) + 1} files to {out} in {result.seconds:.1f} s")
+    if result.nnunet_folder is not None:
+        log(f"  nnU-Net: export nnUNet_results={out / 'nnunet'}; "
+            f"nnUNetv2_predict -i IN -o OUT -d {nnunet_dataset_id} -c 3d_fullres -f 0")
+    return result
+
+
+def reload_all(out: Path) -> dict[str, "OrderedDict[str, torch.Tensor]"]:
+    """Every weights file under an export, read back the way its consumers read it."""
+    from safetensors.torch import load_file
+
+    found = {}
+    for p in sorted(out.rglob("*")):
+        if p.suffix == ".model":
+            found[str(p.relative_to(out))] = safe_torch_load(p)["state_dict"]
+        elif p.name == "checkpoint_final.pth":
+            found[str(p.relative_to(out))] = safe_torch_load(p)["network_weights"]
+        elif p.suffix == ".safetensors":
+            found[str(p.relative_to(out))] = load_file(str(p))
+    return found
+
+
+def _verify(root: Path, sd: dict, log) -> None:
+    for rel, loaded in reload_all(root).items():
+        # torch files keep the released key order; safetensors stores keys sorted, so compare as sets there.
+        same_keys = set(loaded) == set(sd) if rel.endswith(".safetensors") else list(loaded) == list(sd)
+        if not same_keys:
+            raise CheckpointError(f"export check failed: {rel} has different keys than the source")
+        for key, tensor in sd.items():
+            other = loaded[key]
+            if other.dtype != tensor.dtype or other.shape != tensor.shape or not torch.equal(other, tensor):
+                raise CheckpointError(f"export check failed: {rel} {key} differs from the source tensor")
+        log(f"  verified {rel}: {len(sd)} tensors bit-identical to the source")
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _git_revision() -> str | None:
+    import subprocess
+
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() or None if rev.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_export(args) -> int:
+    """CLI handler body for ``stunet-scale export``."""
+    import sys
+
+    try:
+        export(args.source, args.out, args.formats, name=args.name, nnunet_dataset_id=args.nnunet_dataset_id,
+               license_id=args.license, manifest=args.manifest, validation=args.validation,
+               overwrite=args.overwrite, verify=not args.no_verify)
+    except (CheckpointError, FileExistsError, ValueError) as e:
+        print(f"export failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+

@@ -1,0 +1,226 @@
+"""Process-group setup that works under torchrun, accelerate launch, srun, or a plain single process.
+
+The trainer owns its process group instead of delegating it to accelerate or DeepSpeed:
+
+* ``accelerate launch`` is used only as a launcher. It exports torchrun's variables (RANK,
+  WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and we read them. Creating an ``Accelerator``
+  would pull in ``transformers`` for DeepSpeed (accelerate 1.15's ``DeepSpeedPlugin.select()``)
+  and, on CPU, silently report every process as "rank 0 of 1".
+* Under ``srun`` without a launcher, Slurm's own variables give rank and world size
+  (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID) and the master is the first node of the job.
+* gloo on CPU, nccl on CUDA, always with an explicit timeout (``distributed.timeout_s``) so a dead
+  or hung peer turns into an exception instead of a job that waits forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    """Who this process is. ``world_size == 1`` means no process group exists."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    launcher: str = "single"  # single | torchrun | accelerate | slurm
+    backend: str | None = None  # gloo | nccl | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def initialized(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    # ---- small collectives used by the loop (all no-ops in one process) -----------------------
+
+    def barrier(self) -> None:
+        if self.initialized:
+            dist.barrier()
+
+    def all_reduce(self, values: list[float], op: str = "max") -> list[float]:
+        """All-reduce a short list of floats (MAX, MIN or SUM) in one collective."""
+        if not self.initialized:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.collective_device)
+        reduce_op = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "sum": dist.ReduceOp.SUM}[op]
+        dist.all_reduce(t, op=reduce_op)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is True on any rank (the collective decision primitive)."""
+        return self.all_reduce([1.0 if flag else 0.0], "max")[0] > 0
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self.initialized:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, device=self.collective_device if self.backend == "nccl" else None)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.initialized:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    @property
+    def collective_device(self) -> torch.device:
+        # NCCL only moves CUDA tensors; gloo only CPU tensors.
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+
+def detect_launch_env(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Rank/world/master from the launcher's environment variables (no side effects).
+
+    torchrun and accelerate set RANK/WORLD_SIZE; srun sets SLURM_* only inside a job step
+    (SLURM_STEP_ID), so a plain ``python`` in an ``salloc`` shell stays a single process.
+    """
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "accelerate" if any(k.startswith("ACCELERATE_") for k in env) else "torchrun"
+        return {
+            "rank": int(env["RANK"]),
+            "world_size": int(env["WORLD_SIZE"]),
+            "local_rank": int(env.get("LOCAL_RANK", 0)),
+            "master_addr": env.get("MASTER_ADDR", "127.0.0.1"),
+            "master_port": int(env.get("MASTER_PORT", 29500)),
+            "launcher": launcher,
+        }
+    in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+    ntasks = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1)
+    if in_step and ntasks > 1 and "SLURM_PROCID" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        job = int(env.get("SLURM_JOB_ID", "0") or 0)
+        return {
+            "rank": int(env["SLURM_PROCID"]),
+            "world_size": ntasks,
+            "local_rank": int(env.get("SLURM_LOCALID", 0)),
+            "master_addr": env.get("MASTER_ADDR") or first_host(nodelist),
+            # A port derived from the job id keeps two jobs sharing a node from colliding.
+            "master_port": int(env.get("MASTER_PORT", 20000 + job % 20000)),
+            "launcher": "slurm",
+        }
+    return {"rank": 0, "world_size": 1, "local_rank": 0, "master_addr": None, "master_port": None, "launcher": "single"}
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist: 'gpu[003-005,007],cpu1' -> 'gpu003' (no scontrol needed)."""
+    first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
+    m = re.match(r"^([^\[]+)\[([^\]]+)\](.*)$", first)
+    if not m:
+        return first
+    prefix, ranges, suffix = m.groups()
+    lo = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{lo}{suffix}"
+
+
+def init_distributed(timeout_s: int = 1800, run_dir: str | None = None, need_group: bool = False) -> DistEnv:
+    """Create the process group (if more than one process) and pick this rank's device.
+
+    ``need_group``: DeepSpeed and FSDP2 need a process group even in one process; one is created
+    on a free local port.
+    """
+    info = detect_launch_env()
+    if info["world_size"] == 1 and need_group and not dist.is_initialized():
+        info = {**info, "master_addr": "127.0.0.1", "master_port": free_port()}
+    world, rank, local_rank = info["world_size"], info["rank"], info["local_rank"]
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank % max(torch.cuda.device_count(), 1))
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if world == 1 and not need_group:
+        return DistEnv(0, 1, 0, device, info["launcher"], None)
+
+    os.environ.setdefault("MASTER_ADDR", str(info["master_addr"]))
+    os.environ.setdefault("MASTER_PORT", str(info["master_port"]))
+    os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"] = str(rank), str(world), str(local_rank)
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        # torchtitan's defaults: tear down on a timed-out collective and dump the flight recorder
+        # (per-rank collective traces), which is how one finds the rank that hung.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "20000")
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+        if run_dir:
+            os.makedirs(os.path.join(run_dir, "flight_recorder"), exist_ok=True)
+            os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.path.join(run_dir, "flight_recorder", "rank_"))
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if use_cuda else {}
+        dist.init_process_group(
+            backend=backend, init_method="env://", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s), **kwargs,
+        )
+    return DistEnv(rank, world, local_rank, device, info["launcher"], backend)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shutdown(env: DistEnv) -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a peer may already be gone; never mask the real exit code
+            pass
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+# --------------------------------------------------------------------------------------------
+# cuDNN sanity for bf16 conv3d (the slow/wrong-result versions are real: see distributed.md §0.7)
+# --------------------------------------------------------------------------------------------
+
+# cuDNN 9.8-9.10 produce silently wrong bf16 conv3d results (pytorch/pytorch#163539).
+_BAD_CUDNN = range(90800, 91100)
+
+
+def check_cudnn_conv3d(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """On CUDA, check that a bf16 conv3d runs through cuDNN; returns a one-line report.
+
+    Raises RuntimeError naming the fix when it does not. torch 2.9.0 routed bf16/fp16 conv3d to a
+    vol2col fallback (~4x slower, ~17x memory; pytorch/pytorch#166122); a profiler probe catches that
+    and any future regression of the same kind, a version check catches known-bad cuDNN builds.
+    """
+    if device.type != "cuda":
+        return "cuDNN check skipped (no CUDA device)"
+    if torch.__version__.startswith("2.9.0"):
+        raise RuntimeError("torch 2.9.0 disables cuDNN for bf16 conv3d (~4x slower); install torch >= 2.10")
+    if not torch.backends.cudnn.is_available() or not torch.backends.cudnn.enabled:
+        raise RuntimeError("cuDNN is not available/enabled; STU-Net conv3d would run on slow fallbacks")
+    version = torch.backends.cudnn.version() or 0
+    if version in _BAD_CUDNN:
+        raise RuntimeError(f"cuDNN {version} gives wrong bf16 conv3d results (pytorch/pytorch#163539); use torch >= 2.10")
+    conv = torch.nn.Conv3d(8, 8, 3, padding=1).to(device)
+    x = torch.randn(1, 8, 16, 16, 16, device=device)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.autocast("cuda", dtype=dtype):
+        conv(x).float().sum().backward()
+    names = {e.name for e in prof.events()}
+    if not any("cudnn_convolution" in n for n in names):
+        raise RuntimeError(
+            f"{dtype} conv3d did not run on cuDNN (ops seen: {sorted(n for n in names if 'conv' in n)}); "
+            "this torch/cuDNN build falls back to slow kernels. Use torch >= 2.10, or set distributed.cudnn_check=warn"
+        )
+    return f"cuDNN {version}: {dtype} conv3d runs on cuDNN"

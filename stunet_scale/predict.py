@@ -1,0 +1,449 @@
+"""``stunet-scale predict CHECKPOINT INPUT OUTPUT``: segment NIfTI CTs, output in the input's own geometry.
+
+    stunet-scale predict exports/stunet_b ct.nii.gz seg.nii.gz --mirror
+    stunet-scale predict base_ep4k.model cts/ segs/ --classes liver spleen --device cuda
+
+Per case, exactly the preprocessing the weights were trained with (``ModelSpec`` of the checkpoint;
+for a released STU-Net file the paper's: 1.5 mm, per-image z-score, SimpleITK axis order):
+
+1. reorient to RAS (a flip/transpose, no interpolation) and, for the released models, transpose to
+   (z, y, x) as nnU-Net v1 read images;
+2. crop to the region the training statistics covered (``body``: voxels > -500 HU, as the prepared
+   store; ``nonzero`` for nnU-Net-trained weights) and resample to the model spacing, with the
+   store's interpolation (``stunet_scale.data.preprocess``: the same code ``prepare`` runs);
+3. per-image z-score (or nnU-Net CT normalisation with the dataset statistics);
+4. sliding-window inference with Gaussian weighting (``stunet_scale.inference``), optional mirroring
+   TTA over the axes flipped in training, bf16 autocast on GPU, fp32 on CPU;
+5. logits resampled back linearly to the cropped grid and arg-maxed a few classes at a time (never
+   the full C x X x Y x Z volume at input resolution: 105 classes x 512^2 x 600 would be 66 GB),
+   pasted into the crop, reoriented back; saved with the input's affine, qform and sform.
+
+Label names go next to the output: ``OUTPUT/labels.json`` for a folder, ``<name>.labels.json`` for
+a file. ``--classes`` keeps a subset (other voxels become 0; label values are not renumbered).
+Every output is written to a temporary name and renamed, so an interrupted run leaves no
+half-written NIfTI; a case that fails (unreadable file, 4-D image, NaN) is reported by name and the
+others still run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("stunet_scale.predict")
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+class PredictError(ValueError):
+    """A case that cannot be predicted; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def list_cases(input_path: Path, in_channels: int) -> dict[str, list[Path]]:
+    """case id -> channel files. nnU-Net naming (``case_0000.nii.gz``) is understood; with one
+    channel a plain ``case.nii.gz`` works too."""
+    if input_path.is_file():
+        files = [input_path]
+    elif input_path.is_dir():
+        files = sorted(p for p in input_path.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+        if not files:
+            raise PredictError(f"{input_path}: no .nii/.nii.gz files in this folder")
+    else:
+        raise PredictError(f"input not found: {input_path}")
+    cases: dict[str, dict[int, Path]] = {}
+    for f in files:
+        m = _CHANNEL.match(_stem(f))
+        # nnU-Net names channels case_0000, case_0001, ...; a one-channel model also takes plain names.
+        if m and (in_channels > 1 or int(m.group("channel")) == 0):
+            case, channel = m.group("case"), int(m.group("channel"))
+        else:
+            case, channel = _stem(f), 0
+        if channel in cases.setdefault(case, {}):
+            raise PredictError(f"{f}: two files for case {case!r} channel {channel}")
+        cases[case][channel] = f
+    out = {}
+    for case, channels in sorted(cases.items()):
+        if sorted(channels) != list(range(in_channels)):
+            raise PredictError(
+                f"case {case!r}: the model takes {in_channels} channel(s) named {case}_0000 .. {case}_{in_channels - 1:04d}, "
+                f"found channels {sorted(channels)} in {input_path}"
+            )
+        out[case] = [channels[c] for c in range(in_channels)]
+    return out
+
+
+def read_case(files: Sequence[Path]):
+    """(image [C, x, y, z] float32 in the file's voxel order, affine, reference nibabel image)."""
+    import nibabel as nib
+
+    arrays, ref = [], None
+    for f in files:
+        try:
+            img = nib.load(str(f))
+            data = np.asarray(img.dataobj, dtype=np.float32)  # forces a full read: truncation fails here
+        except Exception as e:  # nibabel raises a zoo of types for broken files
+            raise PredictError(f"{f}: cannot read NIfTI ({type(e).__name__}: {str(e)[:160]}); is it truncated?") from None
+        if data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        if data.ndim != 3:
+            raise PredictError(f"{f}: expected a 3-D image, got shape {data.shape}; split 4-D series into channel files")
+        if not np.all(np.isfinite(data)):
+            raise PredictError(f"{f}: contains NaN/Inf voxels; fix or mask them before predicting")
+        if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
+            raise PredictError(f"{f}: the affine is singular or not finite; the header's geometry is broken")
+        if ref is None:
+            ref = img
+        else:
+            from .data.preprocess import affines_close
+
+            if data.shape != arrays[0].shape or not affines_close(img.affine, ref.affine):
+                raise PredictError(f"{f}: channel geometry differs from {files[0]} (shape or affine); channels must be co-registered")
+        arrays.append(data)
+    return np.stack(arrays), np.asarray(ref.affine, dtype=np.float64), ref
+
+
+# --------------------------------------------------------------------------------------------
+# The geometry: file grid <-> network grid
+# --------------------------------------------------------------------------------------------
+
+
+def preprocess(image: np.ndarray, affine: np.ndarray, spec) -> tuple[np.ndarray, object]:
+    """File-grid ``image [C, x, y, z]`` -> normalised network input ``[C, ...]`` and its ``Geometry``."""
+    from .data.preprocess import apply_ornt, crop_box, plan_geometry, ras_orientation, to_stored_grid
+
+    ras = apply_ornt(image, ras_orientation(affine))
+    box = crop_box(ras, None, spec.crop)
+    zyx = spec.axis_order == "ras_zyx"
+    target = list(spec.spacing)[::-1] if zyx else list(spec.spacing)  # geometry works in RAS (x, y, z)
+    geometry = plan_geometry(image.shape[-3:], affine, box, target)
+    x = to_stored_grid(image, geometry, "image", method=spec.image_interpolation)
+    x = normalize(x, spec)
+    if zyx:
+        x = np.ascontiguousarray(x.transpose(0, 3, 2, 1))
+    return x, geometry
+
+
+def normalize(x: np.ndarray, spec) -> np.ndarray:
+    """Per channel: z-score over the (cropped, resampled) image, or nnU-Net's CT scheme."""
+    x = x.astype(np.float32, copy=True)
+    for c in range(x.shape[0]):
+        if spec.normalization == "ct":
+            s = spec.intensity_stats
+            np.clip(x[c], s["percentile_00_5"], s["percentile_99_5"], out=x[c])
+            x[c] -= s["mean"]
+            x[c] /= max(float(s["std"]), 1e-8)
+        else:
+            mean, std = float(x[c].mean(dtype=np.float64)), float(x[c].std(dtype=np.float64))
+            x[c] -= mean
+            x[c] /= max(std, 1e-8)
+    return x
+
+
+def logits_to_labels(logits: torch.Tensor, out_shape: Sequence[int], max_bytes: int = 512 << 20) -> torch.Tensor:
+    """Resample ``logits [C, X', Y', Z']`` linearly to ``out_shape`` and arg-max, a few classes at a time.
+
+    Equals ``argmax(F.interpolate(logits[None], out_shape, mode="trilinear"))`` (edge-aligned, the
+    convention of ``stunet_scale.data.preprocess``) without holding the full-resolution
+    ``[C, X, Y, Z]`` tensor: each chunk of classes is interpolated, then a running maximum keeps the
+    best class (the first one on ties, as ``argmax``). Peak extra memory: ``max_bytes`` or one class
+    at output size, plus 5 bytes per output voxel.
+    """
+    c = logits.shape[0]
+    out_shape = [int(s) for s in out_shape]
+    dtype = torch.uint8 if c <= 256 else torch.int16
+    if list(logits.shape[1:]) == out_shape:
+        return logits.argmax(0).to(dtype)
+    per_class = 4 * int(np.prod(out_shape))
+    k = max(1, min(c, max_bytes // per_class))
+    best = labels = None
+    for c0 in range(0, c, k):
+        chunk = F.interpolate(logits[None, c0:c0 + k].float(), size=out_shape, mode="trilinear", align_corners=False)[0]
+        value, index = chunk.max(0)
+        index = (index + c0).to(dtype)
+        if best is None:
+            best, labels = value, index
+        else:
+            better = value > best
+            best = torch.where(better, value, best)
+            labels = torch.where(better, index, labels)
+        del chunk
+    return labels
+
+
+def restore_labels(labels: np.ndarray, geometry) -> np.ndarray:
+    """Labels on the cropped RAS grid (x, y, z) -> the original file's voxel grid."""
+    from .data.preprocess import from_ras, uncrop
+
+    full = uncrop(labels, geometry.crop_box, geometry.ras_shape, 0)
+    return np.ascontiguousarray(from_ras(full, np.asarray(geometry.ornt)))
+
+
+# --------------------------------------------------------------------------------------------
+# One case
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    step_size: float = 0.5
+    mirror_axes: tuple[int, ...] = ()
+    batch_size: int = 1
+    progress: bool = True
+
+
+def segment(network: Callable, spec, image: np.ndarray, affine: np.ndarray, rt: Runtime) -> tuple[np.ndarray, dict]:
+    """Labels ``[x, y, z]`` in the file's voxel grid for ``image [C, x, y, z]`` (+ timing info)."""
+    from .inference import sliding_window_inference
+
+    t0 = time.time()
+    x, geometry = preprocess(image, affine, spec)
+    t1 = time.time()
+    tensor = torch.from_numpy(x)
+    out_device = _out_device(rt.device, spec.num_classes, x.shape[1:])
+    kwargs = dict(step_size=rt.step_size, mirror_axes=rt.mirror_axes, batch_size=rt.batch_size, device=rt.device,
+                  autocast_dtype=rt.autocast_dtype, progress=rt.progress)
+    try:
+        logits = sliding_window_inference(network, tensor, spec.patch_size, out_device=out_device, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        if out_device.type == "cpu":
+            raise
+        # nnU-Net's fallback: keep the forwards on the GPU, accumulate the logits in host memory.
+        log.warning("GPU out of memory for the logits of a %s volume; accumulating on the CPU instead", x.shape[1:])
+        torch.cuda.empty_cache()
+        logits = sliding_window_inference(network, tensor, spec.patch_size, out_device="cpu", **kwargs)
+    t2 = time.time()
+    if spec.axis_order == "ras_zyx":
+        logits = logits.permute(0, 3, 2, 1)
+    labels = logits_to_labels(logits, geometry.cropped_shape).cpu().numpy()
+    del logits
+    out = restore_labels(labels, geometry)
+    info = {"network_shape": list(x.shape[1:]), "spacing": geometry.spacing, "preprocess_s": t1 - t0,
+            "inference_s": t2 - t1, "postprocess_s": time.time() - t2}
+    return out, info
+
+
+def _out_device(device: torch.device, num_classes: int, shape) -> torch.device:
+    """Accumulate logits on the GPU when they take at most half of its free memory, else on the host."""
+    if device.type != "cuda":
+        return device
+    need = 4 * num_classes * int(np.prod(shape)) * 1.2
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need < 0.5 * free else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------
+
+
+def save_labels(labels: np.ndarray, reference, path: Path) -> None:
+    """Write ``labels`` with the reference image's geometry (affine, qform, sform, units), atomically."""
+    import nibabel as nib
+
+    dtype = np.uint8 if labels.max(initial=0) <= 255 else np.uint16
+    img = nib.Nifti1Image(labels.astype(dtype, copy=False), reference.affine)
+    hdr = reference.header
+    img.set_qform(reference.get_qform(), code=int(hdr["qform_code"]))
+    img.set_sform(reference.get_sform(), code=int(hdr["sform_code"]))
+    img.header.set_xyzt_units(*hdr.get_xyzt_units())
+    img.header.set_data_dtype(dtype)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def label_info(spec, keep: list[int] | None, checkpoint: str) -> dict:
+    ids = list(range(spec.num_classes)) if keep is None else [0] + [k for k in keep if k != 0]
+    return {
+        "labels": {str(k): spec.labels[k] for k in ids},
+        "class_map": spec.class_map,
+        "totalsegmentator_version": spec.totalseg_version,
+        "model": str(checkpoint),
+        "spacing_mm": spec.spacing,
+        "note": "label values are output channels of the model; classes not listed were not kept",
+    }
+
+
+def parse_classes(classes: Sequence[str] | None, spec) -> list[int] | None:
+    """``--classes`` entries are names or integer label values; returns sorted label values."""
+    if not classes:
+        return None
+    keep = set()
+    for item in classes:
+        for token in str(item).split(","):
+            token = token.strip()
+            if not token:
+                continue
+            if token.isdigit():
+                k = int(token)
+                if not 0 <= k < spec.num_classes:
+                    raise PredictError(f"--classes {token}: the model has labels 0..{spec.num_classes - 1}")
+            elif token in spec.labels:
+                k = spec.labels.index(token)
+            else:
+                import difflib
+
+                close = difflib.get_close_matches(token, spec.labels, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else "; see labels.json for the names"
+                raise PredictError(f"--classes {token!r} is not a class of this model{hint}")
+            keep.add(k)
+    return sorted(keep)
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PredictError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def pick_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        if device.type != "cuda":
+            return None  # bf16 autocast on CPU is slower than fp32 on most CPUs
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def load_model(checkpoint: str | Path, device: torch.device):
+    """(network in eval mode on ``device``, its ModelSpec) from any checkpoint ``read_weights`` accepts."""
+    import dataclasses
+
+    from .export.checkpoint_io import read_weights
+    from .models.stunet import STUNet
+
+    weights = read_weights(checkpoint)
+    spec = weights.spec
+    model = STUNet(dataclasses.replace(spec.model_config, deep_supervision=False))
+    model.load_state_dict(weights.state_dict, strict=True)
+    return model.to(device).eval(), spec
+
+
+def predict(
+    checkpoint: str | Path,
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    classes: Sequence[str] | None = None,
+    mirror: bool = False,
+    device: str = "auto",
+    step_size: float = 0.5,
+    batch_size: int = 1,
+    precision: str = "auto",
+    overwrite: bool = True,
+    network: Callable | None = None,
+    spec=None,
+) -> dict:
+    """Segment one NIfTI or a folder; returns {"written": [...], "failed": {file: error}, "seconds": s}.
+
+    ``network``/``spec`` replace the checkpoint's (tests and custom pipelines).
+    """
+    t_start = time.time()
+    dev = pick_device(device)
+    if network is None:
+        network, spec = load_model(checkpoint, dev)
+    if not 0 < step_size <= 1:
+        raise PredictError(f"--step-size must be in (0, 1], got {step_size}")
+    keep = parse_classes(classes, spec)
+    input_path, output_path = Path(input_path), Path(output_path)
+    cases = list_cases(input_path, spec.in_channels)
+    if output_path.name.endswith(NIFTI_SUFFIXES):  # one case -> one file, label names beside it
+        if len(cases) != 1:
+            raise PredictError(f"{output_path} is a file name but {input_path} holds {len(cases)} cases; give an output folder")
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        targets = {next(iter(cases)): output_path}
+        labels_file = output_path.with_name(_stem(output_path) + ".labels.json")
+    else:
+        output_path.mkdir(parents=True, exist_ok=True)
+        targets = {case: output_path / f"{case}.nii.gz" for case in cases}
+        labels_file = output_path / "labels.json"
+    mirror_axes = tuple(spec.mirror_axes) if mirror else ()
+    if mirror and not mirror_axes:
+        log.warning("--mirror: the model was trained without flips; mirroring TTA is skipped")
+    rt = Runtime(device=dev, autocast_dtype=pick_precision(precision, dev), step_size=step_size,
+                 mirror_axes=mirror_axes, batch_size=batch_size, progress=True)
+    labels_file.write_text(json.dumps(label_info(spec, keep, str(checkpoint)), indent=2) + "\n")
+    print(f"predict: {len(cases)} case(s) on {dev} ({rt.autocast_dtype or torch.float32}), "
+          f"model spacing {spec.spacing} mm, patch {spec.patch_size}, mirroring {list(mirror_axes) or 'off'}",
+          flush=True)
+
+    from tqdm import tqdm
+
+    written, failed = [], {}
+    for case in tqdm(cases, desc="cases", unit="case", disable=None):
+        target = targets[case]
+        if target.exists() and not overwrite:
+            print(f"  {case}: {target} exists, skipped", flush=True)
+            continue
+        try:
+            image, affine, ref = read_case(cases[case])
+            labels, info = segment(network, spec, image, affine, rt)
+            if keep is not None:
+                labels[~np.isin(labels, keep)] = 0
+            save_labels(labels, ref, target)
+        except PredictError as e:
+            failed[str(cases[case][0])] = str(e)
+            print(f"  {case}: FAILED {e}", file=sys.stderr, flush=True)
+            continue
+        written.append(str(target))
+        print(f"  {case}: {list(image.shape[1:])} -> network {info['network_shape']} -> {target.name} "
+              f"(prep {info['preprocess_s']:.1f} s, inference {info['inference_s']:.1f} s, "
+              f"restore {info['postprocess_s']:.1f} s)", flush=True)
+    return {"written": written, "failed": failed, "labels_file": str(labels_file), "seconds": time.time() - t_start}
+
+
+def run_predict(args) -> int:
+    """CLI handler body for ``stunet-scale predict``."""
+    from .export.checkpoint_io import CheckpointError
+
+    try:
+        result = predict(args.checkpoint, args.input, args.output, classes=args.classes, mirror=args.mirror,
+                         device=args.device, step_size=args.step_size, batch_size=args.batch_size,
+                         precision=args.precision, overwrite=not args.skip_existing)
+    except (PredictError, CheckpointError) as e:
+        print(f"predict failed: {e}", file=sys.stderr)
+        return 1
+    print(f"predict: wrote {len(result['written'])} segmentation(s), label names in {result['labels_file']} "
+          f"({result['seconds']:.1f} s)")
+    if result["failed"]:
+        print(f"predict: {len(result['failed'])} case(s) failed: {', '.join(result['failed'])}", file=sys.stderr)
+        return 1
+    return 0

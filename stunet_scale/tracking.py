@@ -1,0 +1,334 @@
+"""What a run reports: MLflow (rank 0), a local JSONL log, the console, and PNG plots.
+
+* MLflow runs on rank 0 only. The default store is ``sqlite:///<run_dir>/mlflow.db`` with
+  artifacts in ``<run_dir>/mlartifacts`` (MLflow 3 refuses new file stores; one writer per DB is
+  safe on a shared filesystem). ``tracking.mlflow_uri`` or ``$MLFLOW_TRACKING_URI`` selects a
+  server instead. A requeued job passes the run id from its checkpoint and continues the same run.
+* An unreachable or failing tracking server never stops training: it is probed at start with a
+  short socket timeout, every call is guarded, and after repeated failures MLflow is switched off
+  with a warning. The JSONL log and the plots in the run directory are always written.
+* Console: a tqdm bar on a TTY; otherwise (Slurm .out files) one readable line every N steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+log = logging.getLogger("stunet_scale.tracking")
+
+_MAX_FAILURES = 3
+
+
+def default_tracking_uri(run_dir: Path, configured: str | None) -> str:
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def probe(uri: str, timeout_s: float = 3.0) -> str | None:
+    """None if the tracking URI looks reachable, else why not (http(s) only; local stores pass)."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return None
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+            return None
+    except OSError as e:
+        return f"cannot connect to {parsed.hostname}:{port} ({e.__class__.__name__}: {e})"
+
+
+class Tracker:
+    """MLflow on rank 0, guarded; a no-op everywhere else or when disabled/unreachable."""
+
+    def __init__(self, tracking_cfg, run_dir: Path, rank: int, run_id: str | None = None,
+                 run_name: str | None = None, params: dict | None = None, tags: dict | None = None):
+        self.run_dir = Path(run_dir)
+        self.enabled = bool(tracking_cfg.enabled) and rank == 0
+        self.run_id: str | None = run_id
+        self.client = None
+        self._failures = 0
+        if not self.enabled:
+            return
+        self.uri = default_tracking_uri(self.run_dir, tracking_cfg.mlflow_uri)
+        problem = probe(self.uri)
+        if problem:
+            self._disable(f"MLflow tracking server {self.uri} is unreachable: {problem}")
+            return
+        # A dead server must not stall a step for minutes of retries (MLflow's default is 7).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        try:
+            self._start(tracking_cfg, run_name, params or {}, tags or {})
+        except Exception as e:  # noqa: BLE001 - tracking must never kill training
+            self._disable(f"MLflow setup failed for {self.uri}: {e.__class__.__name__}: {e}")
+
+    def _start(self, tracking_cfg, run_name, params, tags):
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        self.client = MlflowClient(tracking_uri=self.uri)
+        if self.run_id:
+            try:
+                self.client.get_run(self.run_id)
+                self.client.update_run(self.run_id, status="RUNNING")
+                log.info("MLflow: continuing run %s at %s", self.run_id, self.uri)
+                return
+            except Exception as e:  # noqa: BLE001
+                log.warning("MLflow run %s from the checkpoint is not in %s (%s); starting a new run", self.run_id, self.uri, e)
+                tags = {**tags, "resumed_from_run_id": self.run_id}
+        exp = self.client.get_experiment_by_name(tracking_cfg.experiment)
+        if exp is None:
+            artifact_location = None
+            if self.uri.startswith("sqlite:") and tracking_cfg.mlflow_uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+                artifact_location = (self.run_dir.resolve() / "mlartifacts").as_uri()
+            exp_id = self.client.create_experiment(tracking_cfg.experiment, artifact_location=artifact_location)
+        else:
+            exp_id = exp.experiment_id
+        run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        log.info("MLflow: run %s in experiment %r at %s", self.run_id, tracking_cfg.experiment, self.uri)
+
+    def _disable(self, why: str) -> None:
+        log.warning("%s; continuing without MLflow (metrics still go to %s)", why, self.run_dir / "metrics.jsonl")
+        self.enabled = False
+
+    def _guard(self, what: str, fn) -> None:
+        if not self.enabled or self.client is None or self.run_id is None:
+            return
+        try:
+            fn()
+            self._failures = 0
+        except Exception as e:  # noqa: BLE001
+            self._failures += 1
+            log.warning("MLflow %s failed (%d/%d): %s: %s", what, self._failures, _MAX_FAILURES, e.__class__.__name__, e)
+            if self._failures >= _MAX_FAILURES:
+                self._disable("MLflow keeps failing")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        if items:
+            self._guard("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=items, synchronous=False))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._guard("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def set_tags(self, tags: dict) -> None:
+        for k, v in tags.items():
+            self._guard("set_tag", lambda k=k, v=v: self.client.set_tag(self.run_id, k, str(v)))
+
+    def close(self, status: str = "FINISHED") -> None:
+        def finish():
+            import mlflow
+
+            mlflow.flush_async_logging()  # metrics are logged asynchronously
+            self.client.set_terminated(self.run_id, status=status)
+
+        self._guard("close", finish)
+
+
+def _param_value(v) -> str:
+    text = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# local logs and console
+# --------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Append-only JSONL in the run dir (rank 0): the local source of truth for every metric."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.history: list[dict] = []
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                for line in self.path.read_text().splitlines():
+                    try:
+                        self.history.append(json.loads(line))
+                    except ValueError:
+                        continue
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.history.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Console:
+    """tqdm on a TTY, else one line every ``every`` steps (rank 0 only)."""
+
+    def __init__(self, total: int, start: int, every: int, enabled: bool):
+        self.every, self.enabled = every, enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=None)
+
+    def update(self, step: int, m: dict) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % self.every == 0:
+                self.bar.set_postfix_str(
+                    f"loss {m.get('loss', float('nan')):.4f} lr {m.get('lr', 0):.2e} {m.get('patches_per_s', 0):.1f} p/s"
+                )
+        elif step % self.every == 0:
+            print(format_line(step, m), flush=True)
+
+    def write(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_line(step: int, m: dict) -> str:
+    parts = [f"step {step}/{m.get('total_steps', '?')}", f"epoch {m.get('epoch', 0):.2f}"]
+    if m.get("skipped"):
+        parts.append(f"SKIPPED ({m['skipped']})")
+    if "loss" in m:
+        avg = f", mean of last {m['loss_n']} {m['loss_avg']:.4f}" if m.get("loss_n", 1) > 1 else ""
+        parts.append(f"loss {m['loss']:.4f} (dice {m.get('dice', float('nan')):.3f} ce {m.get('ce', float('nan')):.3f}{avg})")
+    parts.append(f"lr {m.get('lr', 0):.2e}")
+    if "grad_norm" in m and m["grad_norm"] is not None:
+        parts.append(f"gnorm {m['grad_norm']:.2f}")
+    parts.append(f"{m.get('patches_per_s', 0):.2f} patches/s")
+    if m.get("tflops_per_gpu"):
+        parts.append(f"{m['tflops_per_gpu']:.3g} TFLOP/s/gpu")
+    parts.append(f"data {100 * m.get('data_wait_frac', 0):.0f}%")
+    if m.get("gpu_mem_gib"):
+        parts.append(f"mem {m['gpu_mem_gib']:.1f} GiB")
+    if m.get("eta_s") is not None:
+        parts.append(f"eta {format_duration(m['eta_s'])}")
+    return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return f"{d}d{h:02d}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# --------------------------------------------------------------------------------------------
+# plots (PNG, Agg backend: no display needed)
+# --------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_progress(history: list[dict], path: Path) -> Path | None:
+    """Loss terms and lr over steps, plus validation Dice if any (nnU-Net's progress.png)."""
+    train = [r for r in history if r.get("kind") == "train" and r.get("loss") is not None]
+    if not train:
+        return None
+    plt = _plt()
+    val = [r for r in history if r.get("kind") in ("val", "pseudo_dice") and r.get("mean_dice") is not None]
+    fig, axes = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    steps = [r["step"] for r in train]
+    axes[0].plot(steps, [r["loss"] for r in train], lw=0.8, label="loss (Dice + CE)")
+    axes[0].plot(steps, [r.get("ce") for r in train], lw=0.6, alpha=0.7, label="CE")
+    axes[0].set_ylabel("training loss")
+    ax2 = axes[0].twinx()
+    for kind, marker in (("pseudo_dice", "."), ("val", "o")):
+        pts = [r for r in val if r["kind"] == kind]
+        if pts:
+            ax2.plot([r["step"] for r in pts], [r["mean_dice"] for r in pts], marker=marker, ls="-" if kind == "val" else ":",
+                     label=f"{'validation' if kind == 'val' else 'pseudo'} Dice", color="tab:green" if kind == "val" else "tab:olive")
+    ax2.set_ylabel("mean foreground Dice")
+    ax2.set_ylim(0, 1)
+    lines = axes[0].get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    axes[0].legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper right", fontsize=8)
+    axes[1].plot(steps, [r.get("lr") for r in train], color="tab:red", lw=0.8)
+    axes[1].set_ylabel("learning rate")
+    axes[1].set_xlabel("optimizer step")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_class_dice(dice: dict[str, float], path: Path, title: str) -> Path | None:
+    items = [(k, v) for k, v in dice.items() if v is not None and math.isfinite(v)]
+    if not items:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(items) + 2), 4))
+    ax.bar(range(len(items)), [v for _, v in items], color="tab:blue")
+    ax.set_xticks(range(len(items)))
+    ax.set_xticklabels([k for k, _ in items], rotation=90, fontsize=6)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_preview(image, label, pred, path: Path, title: str) -> Path:
+    """Middle axial slice: image, ground truth and prediction overlays (numpy arrays [X,Y,Z])."""
+    import numpy as np
+
+    plt = _plt()
+    z = image.shape[2] // 2
+    img = np.rot90(image[:, :, z])
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    cmap = plt.get_cmap("tab20")
+    for ax, seg, name in zip(axes, (None, label, pred), ("image", "ground truth", "prediction")):
+        ax.imshow(img, cmap="gray")
+        if seg is not None:
+            s = np.rot90(seg[:, :, z]).astype(float)
+            ax.imshow(np.ma.masked_where(s == 0, s % 20), cmap=cmap, alpha=0.5, vmin=0, vmax=19, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

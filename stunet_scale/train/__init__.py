@@ -1,0 +1,30 @@
+"""`stunet-scale train` / `python -m stunet_scale.train`: the trainer and its exit codes.
+
+Exit codes (Slurm scripts and wrappers branch on them; importing this module is cheap):
+
+    0   EXIT_OK                    finished (or nothing left to do: the run is complete)
+    1   (uncaught exception)       a bug or an environment failure (e.g. a peer died: collective timeout)
+    2   EXIT_CONFIG                bad configuration; the message names the key to change
+    3   EXIT_DIVERGED              non-finite losses persisted after a rollback (or nothing to roll back to)
+    4   EXIT_NO_VALID_CHECKPOINT   the run dir has checkpoints but none verifies (never restarts silently)
+    75  EXIT_REQUEUE               preempted (SIGTERM/SIGUSR1/SIGUSR2): a checkpoint is committed;
+                                   requeue and rerun the same command (75 = EX_TEMPFAIL, sysexits.h)
+
+On a requeue exit rank 0 also writes ``<run_dir>/REQUEUE`` (step, signal, time), because launchers
+such as torchrun report their own exit code (1) when workers exit non-zero.
+"""
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_DIVERGED = 3
+EXIT_NO_VALID_CHECKPOINT = 4
+EXIT_REQUEUE = 75
+
+
+def main(argv: list[str] | None = None, data=None) -> int:
+    from .__main__ import main as _main
+
+    return _main(argv, data=data)
+
+
+__all__ = ["EXIT_OK", "EXIT_CONFIG", "EXIT_DIVERGED", "EXIT_NO_VALID_CHECKPOINT", "EXIT_REQUEUE", "main"]

@@ -1,0 +1,83 @@
+"""Entry point: ``python -m stunet_scale.train --config FILE [section.key=value ...]``.
+
+The same command runs under every launcher::
+
+    python -m stunet_scale.train --config configs/debug.yaml                   # one process
+    torchrun --nproc_per_node 8 -m stunet_scale.train --config configs/pretrain/totalseg_stunet_b.yaml
+    accelerate launch -m stunet_scale.train --config configs/pretrain/totalseg_stunet_h.yaml
+    srun python -m stunet_scale.train --config ...                             # one task per GPU
+
+``stunet-scale train`` is the same (``--dry-run --world-size W`` validates a config for W ranks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import EXIT_CONFIG
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stunet_scale.train", description="Train STU-Net.")
+    p.add_argument("--config", help="YAML recipe, e.g. configs/pretrain/totalseg_stunet_h.yaml")
+    p.add_argument("--dry-run", action="store_true", help="validate the configuration for --world-size ranks and exit")
+    p.add_argument("--world-size", type=int, default=None, help="ranks to validate against with --dry-run")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.005")
+    return p
+
+
+def setup_logging() -> None:
+    """Our messages on stderr with the rank in front: INFO on rank 0, warnings and errors on every rank."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+    ours = logging.getLogger("stunet_scale")
+    ours.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if not any(getattr(h, "_stunet", False) for h in ours.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler._stunet = True
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                                               datefmt="%H:%M:%S"))
+        ours.addHandler(handler)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "alembic", "mlflow", "numexpr"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # DeepSpeed calls torch.distributed collectives that torch has renamed; the warning repeats every step.
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def dry_run(cfg, world_size: int | None) -> int:
+    try:
+        from ..planning import dry_run as planning_dry_run
+    except ImportError:
+        print("train --dry-run needs stunet_scale.planning.dry_run (issue 7), which is not in this build",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    return int(planning_dry_run(cfg, world_size) or 0)
+
+
+def main(argv: list[str] | None = None, data=None) -> int:
+    from ..config import ConfigError, load_config
+
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.dry_run:
+        return dry_run(cfg, args.world_size)
+    from .loop import run
+
+    try:
+        return run(cfg, data=data, argv=None if argv is None else ["python", "-m", "stunet_scale.train", *argv])
+    except ConfigError as e:
+        logging.getLogger("stunet_scale.train").error("config error: %s", e)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,529 @@
+"""The trainer: build everything from one config, then an explicit loop.
+
+Reading order: ``Trainer.train()`` (the loop, one screen), ``train_step()`` (forward/backward/step
+with the collective non-finite check), then the helpers it calls: ``_save``, ``_rollback``,
+``_validate``, ``_log``. Everything distributed lives behind ``self.backend``
+(stunet_scale.parallel) and ``self.env`` (rank, world size, tiny collectives).
+
+Step semantics: ``state.step`` counts optimizer steps *attempted*; it is the position in the
+sample plan (sample index = step * global_batch + position), so a skipped step still consumes its
+samples and a resume at any world size continues with the next global sample.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .. import config as config_mod
+from ..checkpointing.commit import CheckpointError, NoValidCheckpoint, resolve_newest_valid
+from ..checkpointing.manager import CheckpointManager, ResumePlan
+from ..checkpointing.state import STATE_FILE, TrainerState, restore_rng, seed_everything
+from ..config import TrainConfig, flatten, world_batch_arithmetic
+from ..models import build_stunet, train_step_flops
+from ..parallel.backend import build_backend
+from ..parallel.distributed import check_cudnn_conv3d, hostname, init_distributed, shutdown
+from ..tracking import Console, MetricsLog, Tracker, plot_class_dice, plot_preview, plot_progress
+from . import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
+from .faults import Faults
+from .loss import DiceCELoss
+from .schedule import Schedule, resume_step
+from .validate import Validator
+
+log = logging.getLogger("stunet_scale.train")
+
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+class Diverged(RuntimeError):
+    """Non-finite losses that a rollback did not cure; the run must stop (EXIT_DIVERGED)."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data=None, argv: list[str] | None = None):
+        self.cfg = cfg
+        self.schedule = Schedule.from_config(cfg)
+        self.data = data or importlib.import_module("stunet_scale.data.loader")
+        self.env = init_distributed(cfg.distributed.timeout_s, cfg.run_dir,
+                                    need_group=cfg.distributed.backend in ("deepspeed", "fsdp2"))
+        env = self.env
+        self.run_dir = Path(env.broadcast_object(str(Path(cfg.run_dir).resolve())))
+        self.grad_accumulation = world_batch_arithmetic(cfg, env.world_size)["grad_accumulation"]
+        self.faults = Faults.from_env(env.rank)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", env.is_main)
+        self._preempt_signal: int | None = None
+        self._last_full_val: int | None = None
+        self._t_start = time.time()
+        if env.is_main:
+            self._write_run_files(argv)
+        env.barrier()
+        self._configure_torch()
+
+        # ---- resume or start: decide before building anything ----
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, env, self.faults.save_hook)
+        self.ckpt.prepare()
+        resume_path = self.ckpt.find_resume(cfg.checkpoint.resume)
+        stage = cfg.distributed.zero_stage if cfg.distributed.backend == "deepspeed" else None
+        plan = self.ckpt.plan(resume_path, cfg.distributed.backend, stage) if resume_path else None
+
+        # ---- model: same seed on every rank -> identical init; weights before wrapping ----
+        torch.manual_seed(cfg.seed)
+        model = build_stunet(cfg.model)
+        reader = None
+        if plan is not None and plan.mode != "native":
+            reader = plan.reader()
+            model.load_state_dict(reader.state_dict(), strict=True)
+        elif plan is None and cfg.checkpoint.init_from:
+            self._init_from_pretrained(model, cfg.checkpoint.init_from)
+        self.backend = build_backend(model, cfg, env, self.grad_accumulation)
+        self.state = TrainerState(seed=cfg.seed, global_batch=cfg.schedule.global_batch)
+        if plan is not None:
+            self._restore(plan, reader)
+        else:
+            seed_everything(cfg.seed, env.rank)
+        self.state.world_size, self.state.backend, self.state.zero_stage = env.world_size, cfg.distributed.backend, stage
+        self.state.global_batch = cfg.schedule.global_batch
+        self.state.git_revision = git_revision()
+
+        self.loss_fn = DiceCELoss.from_config(cfg.loss)
+        self.flops_per_sample = train_step_flops(cfg.model, tuple(cfg.data.patch_size), 1)
+        run_name = cfg.tracking.run_name or self.run_dir.name
+        self.tracker = Tracker(cfg.tracking, self.run_dir, env.rank, run_id=self.state.mlflow_run_id,
+                               run_name=run_name, params=flatten(cfg) if env.is_main else None,
+                               tags={"git_revision": self.state.git_revision or "unknown", "backend": cfg.distributed.backend,
+                                     "world_size": env.world_size})
+        self.state.mlflow_run_id = env.broadcast_object(self.tracker.run_id)
+        self.state.run_name = run_name
+        if env.is_main and self.tracker.enabled:
+            self.tracker.log_artifact(self.run_dir / "config.yaml", "config")
+        self.validator = Validator(cfg, self.backend, env, self.data, self.run_dir, class_names(cfg))
+        self._install_signal_handlers()
+        log.info("%s on %d rank(s) (%s), grad accumulation %d, %s, step %d/%d",
+                 cfg.distributed.backend, env.world_size, env.launcher, self.grad_accumulation,
+                 cfg.distributed.precision, self.state.step, self.schedule.stop_step)
+
+    # ============================================================================================
+    # the loop
+    # ============================================================================================
+
+    def train(self) -> int:
+        cfg, env, sched = self.cfg, self.env, self.schedule
+        stop = sched.stop_step
+        if self.state.step >= stop:
+            log.info("nothing to do: the run is at step %d of %d", self.state.step, stop)
+            return EXIT_OK
+        console = Console(stop, self.state.step, cfg.tracking.log_every_steps, env.is_main)
+        last_saved = self.state.step
+        try:
+            while self.state.step < stop:  # re-entered only after a rollback
+                stream = self.data.build_train_stream(cfg, rank=env.rank, world_size=env.world_size,
+                                                      start_step=self.state.step, device=self.backend.device)
+                try:
+                    t_data = time.perf_counter()
+                    for step, micro_batches in stream:
+                        data_wait = time.perf_counter() - t_data
+                        self.faults.before_step(step)
+                        self.backend.set_lr(sched.lr(step))
+                        m = self.train_step(step, micro_batches)
+                        self.state.step, self.state.samples_seen = step + 1, sched.samples_seen(step + 1)
+                        self.state.stream = stream.state_dict()
+                        m.update(step=step + 1, data_wait=data_wait, step_time=time.perf_counter() - t_data)
+                        rollback = self._account(m)
+                        self._log(m, console)
+                        if rollback:
+                            break
+                        if self._epoch_end(step + 1):
+                            self._validate(step + 1)
+                        preempt = env.any(self._preempt_signal is not None)  # one rank's signal stops all
+                        done = self.state.step >= stop
+                        if preempt or done or self.state.step % cfg.checkpoint.every_steps == 0:
+                            if self.state.step != last_saved:
+                                self._save()
+                                last_saved = self.state.step
+                            # a signal that arrived during the save is honoured now: no extra step, no second save
+                            preempt = preempt or env.any(self._preempt_signal is not None)
+                        if preempt:
+                            return self._preempted(console)
+                        if done:
+                            break
+                        t_data = time.perf_counter()
+                finally:
+                    stream.close()
+                if self.state.consecutive_skips >= cfg.checkpoint.rollback_after_skips:
+                    self._rollback()
+                    last_saved = self.state.step
+            if cfg.validation.enabled and self.validator.available and self._last_full_val != self.state.step:
+                self._validate(self.state.step, full=True)
+            self._finish(console, "FINISHED")
+            return EXIT_OK
+        except Diverged as e:
+            if env.is_main:
+                log.error("%s", e)
+            self._finish(console, "FAILED")
+            return EXIT_DIVERGED
+
+    def train_step(self, step: int, micro_batches: list[dict]) -> dict:
+        """Forward/backward over the micro-batches of one global batch, then one optimizer step.
+
+        A non-finite loss on any rank and any micro-batch skips the whole step on every rank
+        before its backward: the partial gradient is discarded, parameters and optimizer state
+        are untouched. The check is one all-reduce of a flag per micro-batch.
+        """
+        n = len(micro_batches)
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, dice, ce summed over micro-batches
+        for i, mb in enumerate(micro_batches):
+            with self.backend.accumulate(last=i == n - 1):
+                outputs = self.backend.forward(mb["image"])
+                loss, terms = self.loss_fn(outputs, mb["targets"])  # fp32, autocast off inside
+                if self.faults.nan_loss(step):
+                    loss = loss * float("nan")
+                local_ok = bool(torch.isfinite(loss).item())
+                if self.env.any(not local_ok):
+                    self.backend.discard_grads()
+                    if not local_ok:
+                        idx = mb.get("sample_index")
+                        log.warning("rank %d: non-finite loss at step %d, sample indices %s", self.env.rank, step + 1,
+                                    None if idx is None else idx.tolist())
+                    return {"skipped": "nonfinite_loss"}
+                self.backend.backward(loss)
+            sums += torch.tensor([loss.item(), terms["dice"].item(), terms["ce"].item()], dtype=torch.float64)
+        grad_norm, reason = self.backend.step()
+        loss, dice, ce = (v / self.env.world_size for v in self.env.all_reduce((sums / n).tolist(), "sum"))
+        out = {"loss": loss, "dice": dice, "ce": ce, "grad_norm": grad_norm}
+        if reason in ("nonfinite_grad", "loss_scale"):
+            out["skipped"] = reason
+        elif reason:
+            out["warning"] = reason
+        return out
+
+    # ============================================================================================
+    # bookkeeping around the step
+    # ============================================================================================
+
+    def _account(self, m: dict) -> bool:
+        """Update counters; True when K consecutive skipped steps call for a rollback."""
+        if m.get("skipped") in ("nonfinite_loss", "nonfinite_grad"):
+            self.state.skipped_nonfinite += 1
+            self.state.consecutive_skips += 1
+            if self.env.is_main:
+                log.warning("step %d skipped (%s) on all ranks; %d consecutive, %d in total",
+                            m["step"], m["skipped"], self.state.consecutive_skips, self.state.skipped_nonfinite)
+            return self.state.consecutive_skips >= self.cfg.checkpoint.rollback_after_skips
+        if m.get("skipped") is None:
+            self.state.optimizer_steps += 1
+        self.state.consecutive_skips = 0
+        return False
+
+    def _rollback(self) -> None:
+        """Reload the newest valid checkpoint; the same target twice means the data or model diverges."""
+        bad_step = self.state.step
+        target = resolve_newest_valid(self.ckpt.root, self.env)
+        if target is None:
+            raise Diverged(f"{self.state.consecutive_skips} consecutive non-finite steps up to step {bad_step} and "
+                           "no checkpoint to roll back to; lower optim.lr or check the data")
+        target_state = TrainerState.from_file(target / STATE_FILE)
+        history = list(self.state.rollbacks)
+        if any(r["to_step"] == target_state.step for r in history):
+            raise Diverged(
+                f"non-finite losses again after rolling back to step {target_state.step} (now at step {bad_step}): "
+                f"the second rollback to the same checkpoint; stopping. Rollbacks so far: {history}. "
+                "Lower optim.lr, check the samples logged above, or resume from an earlier checkpoint"
+            )
+        record = {"from_step": bad_step, "to_step": target_state.step, "time": time.time()}
+        if self.env.is_main:
+            log.error("%d consecutive non-finite steps at step %d: rolling back to %s",
+                      self.state.consecutive_skips, bad_step, target)
+        stage = self.cfg.distributed.zero_stage if self.cfg.distributed.backend == "deepspeed" else None
+        plan = self.ckpt.plan(target, self.cfg.distributed.backend, stage)
+        reader = plan.reader() if plan.mode != "native" else None
+        if reader is not None:  # in-place: the wrapped module shares the plain module's tensors
+            with torch.no_grad():
+                self.backend.module.load_state_dict(reader.state_dict(), strict=True)
+        keep = (self.state.skipped_nonfinite, self.state.mlflow_run_id)
+        self._restore(plan, reader)
+        self.state.skipped_nonfinite, self.state.mlflow_run_id = keep
+        self.state.rollbacks = history + [record]
+        if self.env.is_main:
+            with open(self.run_dir / "rollbacks.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.metrics.write({"kind": "rollback", **record})
+
+    def _restore(self, plan: ResumePlan, reader) -> None:
+        env = self.env
+        if plan.mode == "native":
+            self.backend.load_native(str(plan.path / "native"))
+        else:
+            self.backend.load_momentum(reader.momentum)
+            reader.close()
+        saved = plan.state
+        same_topology = saved.world_size == env.world_size and saved.backend == self.cfg.distributed.backend
+        if same_topology:
+            self.backend.load_extra_state(saved.backend_extra)
+        rng = self.ckpt.load_rng(plan.path) if same_topology else None
+        if rng is not None:
+            restore_rng(rng)
+        else:
+            seed_everything(self.cfg.seed + saved.step, env.rank)
+            log.warning("resuming %s (%s): RNG states re-derived per rank, so the run is not bit-exact "
+                        "with an uninterrupted one (the sample plan still continues exactly)", plan.path.name, plan.reason)
+        step = resume_step(saved.samples_seen, self.cfg.schedule.global_batch)
+        self.state = saved
+        self.state.step = step
+        self.state.consecutive_skips = 0
+        norms = self._state_norms() if os.environ.get("STUNET_LOG_RESUME_NORMS") else {}
+        if env.is_main:
+            log.info("resumed from %s at step %d (%d samples; %s, %s)", plan.path, step, saved.samples_seen,
+                     plan.mode, plan.reason)
+            self._warn_config_drift(plan.path)
+            self.metrics.write(
+                {"kind": "resume", "step": step, "from": str(plan.path), "mode": plan.mode,
+                 "saved_world_size": saved.world_size, "world_size": env.world_size, "saved_norms": saved.norms, **norms})
+
+    def _state_norms(self) -> dict:
+        """Global sums of squares of params and momentum (collective; resume diagnostics)."""
+        sums = [0.0, 0.0]
+        names = {n for n, _ in self.backend.module.named_parameters()}
+        mine = {n for i, n in enumerate(sorted(names)) if i % self.env.world_size == self.env.rank}
+        for _, p, mom in self.backend.iter_full_state(mine):
+            sums[0] += float(p.double().pow(2).sum())
+            sums[1] += 0.0 if mom is None else float(mom.double().pow(2).sum())
+        sums = self.env.all_reduce(sums, "sum")
+        return {"param_sq": sums[0], "momentum_sq": sums[1]}
+
+    def _save(self) -> None:
+        self.state.elapsed_s += time.time() - self._t_start
+        self._t_start = time.time()
+        self.state.backend_extra = self.backend.extra_state()
+        path, norms = self.ckpt.save(self.state.step, self.backend, self.state, self.cfg)
+        if self.env.is_main:
+            self.metrics.write({"kind": "checkpoint", "step": self.state.step, "path": str(path), "norms": norms})
+
+    def _epoch_end(self, steps_done: int) -> bool:
+        return self.cfg.validation.enabled and self.validator.available and self.schedule.epoch_boundary(steps_done)
+
+    def _validate(self, step: int, full: bool = False) -> None:
+        v = self.cfg.validation
+        epoch = int(self.schedule.epoch(step))
+        if full or self.schedule.epoch_boundary(step, v.every_epochs):
+            self._last_full_val = step
+            t0 = time.time()
+            result = self.validator.full(step)
+            record = {"kind": "val", "step": step, "epoch": epoch, "mean_dice": result["mean_dice"],
+                      "val_seconds": time.time() - t0, "per_class": result["per_class"]}
+            if self.env.is_main:
+                self.metrics.write(record)
+                self.tracker.log_metrics({"val_mean_dice": result["mean_dice"]}, step)
+                plots = self.run_dir / "plots"
+                dice_png = plot_class_dice(result["per_class"], plots / "val_dice.png",
+                                           f"validation Dice per class, step {step} (mean {result['mean_dice']:.3f})")
+                paths = [dice_png, plot_progress(self.metrics.history, plots / "progress.png")]
+                if "preview" in result:
+                    case_id, image, label, pred = result["preview"]
+                    paths.append(plot_preview(image, label, pred, plots / f"val_preview_step{step:09d}.png",
+                                              f"{case_id}, step {step}"))
+                for p in paths:
+                    if p is not None:
+                        self.tracker.log_artifact(p, "plots")
+                log.info("validation at step %d: mean foreground Dice %.4f over %d case(s)", step,
+                         result["mean_dice"], result["cases"])
+        elif v.pseudo_dice_batches > 0:
+            result = self.validator.pseudo_dice(epoch)
+            if self.env.is_main:
+                self.metrics.write({"kind": "pseudo_dice", "step": step, "epoch": epoch, "mean_dice": result["mean_dice"]})
+                self.tracker.log_metrics({"pseudo_dice": result["mean_dice"]}, step)
+                plot_progress(self.metrics.history, self.run_dir / "plots" / "progress.png")
+
+    def _log(self, m: dict, console: Console) -> None:
+        cfg, sched, env = self.cfg, self.schedule, self.env
+        step = m["step"]
+        if os.environ.get("STUNET_LOG_PARAM_NORMS"):  # tests: show that skipped steps change nothing
+            m.update(self._state_norms())
+        if not env.is_main:
+            return
+        dt = max(m["step_time"], 1e-9)
+        rec = {
+            "kind": "train", "step": step, "epoch": sched.epoch(step), "samples_seen": sched.samples_seen(step),
+            "lr": sched.lr(step - 1), "step_time": m["step_time"], "data_wait_frac": m["data_wait"] / dt,
+            "patches_per_s": cfg.schedule.global_batch / dt,
+            "tflops_per_gpu": self.flops_per_sample * cfg.schedule.global_batch / dt / env.world_size / 1e12,
+            "skipped_nonfinite": self.state.skipped_nonfinite, "host_rss_gib": peak_rss_gib(),
+            "total_steps": sched.stop_step, "eta_s": (sched.stop_step - step) * dt,
+        }
+        for key in ("loss", "dice", "ce", "grad_norm", "skipped", "warning", "param_sq", "momentum_sq"):
+            if key in m:
+                rec[key] = m[key]
+        if "loss" in m:  # single steps are noisy (one global batch); the mean over the log interval is not
+            self._recent_losses = (getattr(self, "_recent_losses", []) + [m["loss"]])[-cfg.tracking.log_every_steps:]
+            rec["loss_avg"] = sum(self._recent_losses) / len(self._recent_losses)
+            rec["loss_n"] = len(self._recent_losses)
+        if self.backend.device.type == "cuda":
+            rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        console.update(step, rec)
+        if step % cfg.tracking.log_every_steps == 0 or m.get("skipped") or step == sched.stop_step:
+            self.metrics.write(rec)
+            self.tracker.log_metrics({k: v for k, v in rec.items() if isinstance(v, (int, float))
+                                      and k not in ("step", "total_steps")}, step)
+
+    def _preempted(self, console: Console) -> int:
+        name = signal.Signals(self._preempt_signal).name if self._preempt_signal else "a peer's signal"
+        log.warning("preemption (%s): checkpoint at step %d is committed; exiting with %d so the job is requeued",
+                    name, self.state.step, EXIT_REQUEUE)
+        if self.env.is_main:
+            (self.run_dir / "REQUEUE").write_text(json.dumps({"step": self.state.step, "signal": name, "time": time.time()}))
+            self.metrics.write({"kind": "preempted", "step": self.state.step, "signal": name})
+        self._finish(console, "KILLED")
+        return EXIT_REQUEUE
+
+    def _finish(self, console: Console, status: str) -> None:
+        console.close()
+        if self.env.is_main:
+            plot = plot_progress(self.metrics.history, self.run_dir / "plots" / "progress.png")
+            if plot is not None:
+                self.tracker.log_artifact(plot, "plots")
+            if status == "FINISHED":
+                (self.run_dir / "REQUEUE").unlink(missing_ok=True)
+        self.tracker.close(status)
+
+    def close(self) -> None:
+        for sig, old in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, old)
+        self.backend.close()
+        shutdown(self.env)
+
+    # ============================================================================================
+    # setup helpers
+    # ============================================================================================
+
+    def _configure_torch(self) -> None:
+        d = self.cfg.distributed
+        if self.env.device.type == "cuda":
+            torch.backends.cudnn.benchmark = not d.deterministic  # fixed patch size: autotune once
+            torch.backends.cudnn.deterministic = d.deterministic
+            if d.cudnn_check != "off":
+                try:
+                    log.info("%s", check_cudnn_conv3d(self.env.device, torch.bfloat16 if d.precision == "bf16" else torch.float16))
+                except RuntimeError as e:
+                    if d.cudnn_check == "error":
+                        raise
+                    log.warning("%s", e)
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        main_pid = os.getpid()
+
+        def handler(signum, frame):  # only a flag: no I/O, no collectives inside a handler
+            if os.getpid() == main_pid:  # forked data workers inherit this; they ignore it
+                self._preempt_signal = signum
+
+        self._old_handlers = {}
+        for name in PREEMPT_SIGNALS:
+            sig = getattr(signal, name)
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _init_from_pretrained(self, model, path: str) -> None:
+        try:
+            from ..export import initialize_from_pretrained
+        except ImportError as e:
+            raise RuntimeError(f"checkpoint.init_from needs stunet_scale.export.initialize_from_pretrained ({e})") from e
+        report = initialize_from_pretrained(model, path)
+        if self.env.is_main:
+            log.info("initialised from %s: %s", path, report)
+            (self.run_dir / "init_from_report.txt").write_text(str(report) + "\n")
+
+    def _write_run_files(self, argv: list[str] | None) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_mod.save_config(self.cfg, self.run_dir / "config.yaml")
+        rev = git_revision()
+        (self.run_dir / "git_revision.txt").write_text((rev or "unknown") + "\n")
+        command = launch_command(argv)
+        (self.run_dir / "launch_command.txt").write_text(command + "\n")
+        record = {"time": time.time(), "host": hostname(), "command": command, "git_revision": rev,
+                  "world_size": self.env.world_size, "launcher": self.env.launcher,
+                  "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "restart_count": os.environ.get("SLURM_RESTART_COUNT"),
+                  "torch": torch.__version__}
+        with open(self.run_dir / "launches.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _warn_config_drift(self, path: Path) -> None:
+        try:
+            old = flatten(config_mod.load_config(path / "config.yaml", validate_config=False))
+        except Exception:  # noqa: BLE001
+            return
+        new = flatten(self.cfg)
+        diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and k not in ("run_dir", "checkpoint.resume")}
+        if diff:
+            log.warning("config differs from the checkpoint's: %s", "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+
+
+def class_names(cfg) -> list[str]:
+    try:
+        from ..data.class_maps import load_class_map
+
+        labels = list(load_class_map(cfg.data.class_map).labels)
+        if len(labels) == cfg.model.num_classes:
+            return labels
+    except Exception:  # noqa: BLE001
+        pass
+    return ["background"] + [f"class_{i}" for i in range(1, cfg.model.num_classes)]
+
+
+def git_revision() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def launch_command(argv: list[str] | None) -> str:
+    """The command as launched, e.g. 'torchrun --nproc_per_node 8 -m stunet_scale.train --config ...'."""
+    import shlex
+
+    args = sys.argv if argv is None else argv
+    launcher = os.environ.get("STUNET_LAUNCH_COMMAND")  # set by slurm/launch scripts that know better
+    if launcher:
+        return launcher
+    prefix = []
+    if os.environ.get("ACCELERATE_DYNAMO_BACKEND") is not None or any(k.startswith("ACCELERATE_") for k in os.environ):
+        prefix = ["accelerate", "launch"]
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        prefix = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}",
+                  f"--nnodes={int(os.environ.get('WORLD_SIZE', '1')) // max(int(os.environ.get('LOCAL_WORLD_SIZE', '1')), 1)}"]
+    return " ".join(shlex.quote(a) for a in prefix + list(args))
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def run(cfg: TrainConfig, data=None, argv: list[str] | None = None) -> int:
+    """Build, train, clean up; returns the process exit code (see stunet_scale.train)."""
+    from . import EXIT_NO_VALID_CHECKPOINT
+
+    trainer = None
+    try:
+        trainer = Trainer(cfg, data=data, argv=argv)
+        return trainer.train()
+    except (NoValidCheckpoint, CheckpointError) as e:
+        log.error("%s", e)
+        return EXIT_NO_VALID_CHECKPOINT
+    finally:
+        if trainer is not None:
+            trainer.close()

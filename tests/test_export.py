@@ -1,0 +1,179 @@
+"""`stunet-scale export`: every format reloads bit-exact, keys as released, layouts consumers expect."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from stunet_scale.cli import main
+from stunet_scale.export import export, load_pretrained, read_weights
+from stunet_scale.export.exporter import reload_all
+from stunet_scale.export.nnunet_network import NETWORK_CLASS_NAME, STUNetForNNUNet
+
+from export_fixtures import TINY_LABELS, write_source
+
+NNUNET_CKPT_KEYS = {"network_weights", "optimizer_state", "grad_scaler_state", "logging", "_best_ema", "current_epoch",
+                    "init_args", "trainer_name", "inference_allowed_mirroring_axes"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    source, sd, spec = write_source(root / "run_checkpoint.pth")
+    result = export(source, root / "out", log=lambda *a: None)
+    return result, sd, spec
+
+
+def test_every_format_reloads_bit_exact_with_released_keys(exported):
+    result, sd, _ = exported
+    out = result.out
+    found = reload_all(out)
+    assert sorted(found) == sorted([
+        "hf/model.safetensors", "stunet/checkpoint_final.pth", f"stunet/{result.name}.model",
+        "nnunet/Dataset900_STUNet_custom/nnUNetTrainer__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth",
+    ])
+    for rel, loaded in found.items():
+        if not rel.endswith(".safetensors"):
+            assert list(loaded) == list(sd), rel  # released key order, no module./_orig_mod.
+        assert set(loaded) == set(sd), rel
+        for key, tensor in sd.items():
+            assert loaded[key].dtype == torch.float32 and torch.equal(loaded[key], tensor), (rel, key)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in found["hf/model.safetensors"])
+
+
+def test_torch_layouts_match_nnunet_v1_and_v2(exported):
+    result, _, spec = exported
+    v1 = torch.load(result.out / "stunet" / f"{result.name}.model", weights_only=True)
+    assert {"epoch", "state_dict", "optimizer_state_dict", "plot_stuff"} <= set(v1) and len(v1["plot_stuff"]) == 4
+    v2 = torch.load(result.out / "stunet" / "checkpoint_final.pth", weights_only=True)
+    assert NNUNET_CKPT_KEYS <= set(v2)
+    assert v2["trainer_name"] == "nnUNetTrainer" and v2["init_args"]["configuration"] == "3d_fullres"
+    assert v2["inference_allowed_mirroring_axes"] == (0, 1) and v2["current_epoch"] == 2
+    assert result.name == "stunet_step120"  # epochs are fractional in this tiny run, so steps name it
+
+
+def test_nnunet_folder_plans_name_our_network(exported):
+    result, sd, spec = exported
+    folder = result.nnunet_folder
+    plans = json.loads((folder / "plans.json").read_text())
+    dataset = json.loads((folder / "dataset.json").read_text())
+    conf = plans["configurations"]["3d_fullres"]
+    assert conf["architecture"]["network_class_name"] == NETWORK_CLASS_NAME
+    assert conf["spacing"] == [2.0, 2.0, 2.0] and conf["patch_size"] == [32, 32, 32]
+    assert conf["normalization_schemes"] == ["ZScoreNormalization"]
+    assert plans["image_reader_writer"] == "NibabelIOWithReorient" and plans["transpose_forward"] == [2, 1, 0]
+    assert dataset["labels"] == {name: k for k, name in enumerate(TINY_LABELS)}
+    # Built exactly as nnU-Net's get_network_from_plans builds it, the weights load strictly.
+    net = STUNetForNNUNet(input_channels=1, num_classes=len(TINY_LABELS), deep_supervision=False,
+                          **conf["architecture"]["arch_kwargs"])
+    net.load_state_dict(sd, strict=True)
+    net.decoder.deep_supervision = True
+    assert net.deep_supervision
+
+
+def test_safetensors_config_and_card(exported):
+    result, _, spec = exported
+    config = json.loads((result.out / "hf" / "config.json").read_text())
+    assert config["in_channels"] == 1 and config["num_classes"] == 4
+    assert config["labels"] == {str(k): n for k, n in enumerate(TINY_LABELS)}
+    assert config["spacing_mm"] == [2.0, 2.0, 2.0] and config["normalization"]["scheme"] == "zscore"
+    assert config["training"]["steps"] == 120 and config["training"]["samples_seen"] == 240
+    assert config["training"]["git_revision"] == "0123abcd"
+    card = (result.out / "hf" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: stunet-scale\nlicense: other")
+    assert "| liver | 0.9100 |" in card and "| kidney_left | 0.7700 |" in card  # validation Dice table
+    # sha256 of every weights/config file is in the card and in SHA256SUMS
+    sums = dict(line.split("  ")[::-1] for line in (result.out / "SHA256SUMS").read_text().splitlines())
+    for rel, digest in sums.items():
+        assert hashlib.sha256((result.out / rel).read_bytes()).hexdigest() == digest, rel
+        if not rel.endswith("README.md"):
+            assert f"| {rel} | `{digest}` |" in card
+
+
+def test_every_format_loads_back_with_load_pretrained(exported):
+    result, sd, spec = exported
+    sources = [result.out, result.out / "hf", result.out / "hf" / "model.safetensors",
+               result.out / "stunet" / f"{result.name}.model", result.out / "stunet" / "checkpoint_final.pth",
+               result.nnunet_folder]
+    for path in sources:
+        model = load_pretrained(path)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items()), path
+        assert model.spec.labels == TINY_LABELS and model.spec.spacing == spec.spacing, path
+        assert model.spec.model_config == spec.model_config, path
+
+
+def test_export_of_an_export_and_of_a_released_file(tmp_path, exported):
+    result, sd, spec = exported
+    again = export(result.out / "hf", tmp_path / "again", formats=["safetensors"], log=lambda *a: None)
+    assert torch.equal(read_weights(again.out).state_dict["seg_outputs.4.bias"], sd["seg_outputs.4.bias"])
+    assert sorted(p.name for p in again.out.iterdir()) == ["README.md", "SHA256SUMS", "hf"]
+    bare = tmp_path / "small_ep4k.model"
+    torch.save({"state_dict": sd, "epoch": 4000}, bare)
+    released = export(bare, tmp_path / "released", formats=["nnunet"], log=lambda *a: None)
+    plans = json.loads((released.nnunet_folder / "plans.json").read_text())
+    assert plans["transpose_forward"] == [0, 1, 2]  # the release saw SimpleITK's (z, y, x)
+    assert not (released.out / "stunet").exists()
+
+
+def test_export_refuses_a_non_empty_target_and_leaves_no_partial(tmp_path):
+    source, _, _ = write_source(tmp_path / "ckpt.pth")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(source, out, log=lambda *a: None)
+    assert (out / "keep.txt").read_text() == "precious"
+    with pytest.raises(ValueError, match="unknown export format"):
+        export(source, tmp_path / "x", formats=["onnx"], log=lambda *a: None)
+    assert not list(tmp_path.glob("*.partial-*"))
+
+
+def test_cli_export(tmp_path, capsys):
+    source, sd, _ = write_source(tmp_path / "ckpt.pth")
+    assert main(["export", str(source), str(tmp_path / "cli"), "--formats", "stunet", "--name", "mine"]) == 0
+    assert (tmp_path / "cli" / "stunet" / "mine.model").is_file()
+    assert "bit-identical" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "missing.pth"), str(tmp_path / "cli2")]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_store_manifest_flows_into_spec_and_plans(tmp_path):
+    from stunet_scale.export.nnunet_folder import build_plans
+    from stunet_scale.export.spec import spec_from_train_config
+
+    from export_fixtures import tiny_train_config
+
+    cfg = tiny_train_config()
+    cfg["data"]["normalization"] = "ct"
+    # the layout `stunet-scale prepare` writes (stunet_scale/data/prepare.py)
+    manifest = {"class_map": {"name": "dataset.json", "labels": ["background", "a", "b", "c"], "num_classes": 4},
+                "preprocessing": {"crop": "nonzero", "image_interpolation": "linear", "target_spacing": [2, 2, 2]},
+                "intensity": {"foreground": {"mean": 80.0, "std": 120.0, "percentile_00_5": -90.0,
+                                             "percentile_99_5": 300.0, "median": 70.0}}}
+    spec = spec_from_train_config(cfg, manifest=manifest)
+    assert spec.labels == ["background", "a", "b", "c"] and spec.class_map == "dataset.json"
+    assert spec.crop == "nonzero" and spec.image_interpolation == "linear"
+    assert spec.intensity_stats == {"mean": 80.0, "std": 120.0, "percentile_00_5": -90.0, "percentile_99_5": 300.0}
+    conf = build_plans(spec, "Dataset900_x")["configurations"]["3d_fullres"]
+    assert conf["normalization_schemes"] == ["CTNormalization"] and conf["resampling_fn_data_kwargs"]["order"] == 1
+    with pytest.raises(ValueError, match="--manifest"):
+        spec_from_train_config(cfg, manifest={"class_map": manifest["class_map"]})
+
+
+def test_nnunet_folder_without_our_spec_is_read_from_its_plans(tmp_path, exported):
+    import shutil
+
+    result, sd, spec = exported
+    folder = tmp_path / "folder"
+    shutil.copytree(result.nnunet_folder, folder)
+    ckpt = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=True)
+    del ckpt["stunet_scale_spec"]  # as if another tool had rewritten the checkpoint
+    torch.save(ckpt, folder / "fold_0" / "checkpoint_final.pth")
+    weights = read_weights(folder)
+    assert weights.format == "nnunet-folder"
+    assert weights.spec.labels == TINY_LABELS and weights.spec.spacing == spec.spacing
+    assert weights.spec.axis_order == "ras_xyz" and weights.spec.mirror_axes == [0, 1]
+    assert weights.spec.model_config == spec.model_config
