@@ -18,7 +18,7 @@ if [ "$TORCH_SPEC" != "skip" ]; then
   "$PY" -m pip install -q "$TORCH_SPEC"
 fi
 # Pin exactly the torch now installed (local tags like +cpu dropped so the pin matches any build of it).
-"$PY" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > "$VENV/constraints.txt"
+"$PY" -W ignore -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > "$VENV/constraints.txt"
 "$PY" -m pip install -q -c "$VENV/constraints.txt" -e ".[${EXTRAS}]"
 # nnunetv2 -> dynamic-network-architectures -> timm -> torchvision. Where the registry has no
 # torchvision build matching this torch (e.g. a CPU torch), the one pip picks crashes on import

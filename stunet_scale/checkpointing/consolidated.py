@@ -15,8 +15,10 @@ from .commit import CheckpointError, list_checkpoints, resolve_newest_valid, ver
 from .portable import DCPReader, PortableReader
 from .state import CONFIG_FILE, STATE_FILE, TrainerState
 
-# Wrappers that prefix parameter names; the released STU-Net keys have none of them.
-_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Wrappers that rename parameters; the released STU-Net keys have none of them. DDP/DeepSpeed and
+# torch.compile put theirs in front, checkpoint/FSDP1 wrappers anywhere along the path.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WRAPPER_INFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
 @dataclass
@@ -29,14 +31,16 @@ class ConsolidatedCheckpoint:
 
 
 def clean_key(key: str) -> str:
+    """``module._orig_mod.conv_blocks_context.0...`` -> ``conv_blocks_context.0...``."""
     changed = True
     while changed:
         changed = False
-        for prefix in _PREFIXES:
+        for prefix in WRAPPER_PREFIXES + WRAPPER_INFIXES:
             if key.startswith(prefix):
                 key, changed = key[len(prefix):], True
-        key = key.replace("._orig_mod.", ".").replace("._checkpoint_wrapped_module.", ".")
-    return key
+    for infix in WRAPPER_INFIXES:
+        key = key.replace("." + infix, ".")
+    return key.replace("._orig_mod.", ".")
 
 
 def find_checkpoint(path: str | Path) -> Path:

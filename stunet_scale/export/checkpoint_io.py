@@ -29,13 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpointing.consolidated import clean_key
 from ..models.stunet import PRESETS, ModelConfig
 from .spec import RELEASED_POOL_STRIDES, ModelSpec, released_spec
 
 # Prefixes wrappers add to state-dict keys: DDP/DeepSpeed (module.), torch.compile (_orig_mod.),
 # activation-checkpoint wrappers (_checkpoint_wrapped_module.). Exports never contain them.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-WRAPPER_INFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 STEM_KEYS = ("conv_blocks_context.0.0.conv1.weight", "conv_blocks_context.0.0.conv3.weight")
 
 
@@ -151,15 +150,7 @@ def clean_state_dict(sd: dict, source: str | Path = "<memory>") -> "OrderedDict[
     for key, value in sd.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{source}: state dict entry {key!r} is a {type(value).__name__}, not a tensor")
-        clean = str(key)
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if clean.startswith(prefix):
-                    clean, changed = clean[len(prefix):], True
-        for infix in WRAPPER_INFIXES:
-            clean = clean.replace(infix, "")
+        clean = clean_key(str(key))
         if clean in out:
             raise CheckpointError(f"{source}: keys {key!r} and another map to the same name {clean!r}")
         tensor = value.detach()

@@ -66,9 +66,19 @@ def prepare_module(module: nn.Module, dist_cfg) -> nn.Module:
         module.to(memory_format=torch.channels_last_3d)
     if dist_cfg.compile:
         # Per block, in place: names (and so checkpoint keys) stay those of the released STU-Net,
-        # and repeated blocks of one shape share one compiled graph.
-        for block in module.checkpoint_units("block"):
-            block.compile()
+        # and repeated blocks of one shape share one compiled graph. All blocks share one code
+        # object (BasicResBlock.forward), so dynamo sees one recompile per distinct block shape
+        # (22 for a 6-stage net): past its default limit (8) it would switch to dynamic shapes,
+        # which Inductor cannot lower for strided conv3d. Shapes are fixed per block in
+        # training and inference, so compile static graphs and allow one per block.
+        import torch._dynamo
+
+        blocks = module.checkpoint_units("block")
+        limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks))
+        torch._dynamo.config.recompile_limit = limit
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
+        for block in blocks:
+            block.compile(dynamic=False)
     return module
 
 
@@ -119,12 +129,35 @@ class Backend:
         """
         raise NotImplementedError
 
+    # Backends that own a torch optimizer (none, DDP, FSDP2) share the rest of the step;
+    # DeepSpeed's engine owns its optimizer and overrides these.
+    optimizer: torch.optim.Optimizer
+
+    def _clip_and_step(self, parameters, scaler=None) -> tuple[float, str | None]:
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
+        reason = None
+        if scaler is not None:
+            # GradScaler skips the step itself on inf/nan and lowers the scale (normal for fp16).
+            scaler.step(self.optimizer)
+            scaler.update()
+            reason = None if math.isfinite(norm) else "loss_scale"
+        elif math.isfinite(norm):
+            self.optimizer.step()
+        else:
+            reason = "nonfinite_grad"
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, reason
+
     def discard_grads(self) -> None:
-        raise NotImplementedError
+        self.optimizer.zero_grad(set_to_none=True)
 
     @property
     def param_groups(self) -> list[dict]:
-        raise NotImplementedError
+        return self.optimizer.param_groups
 
     def set_lr(self, lr: float) -> None:
         for group, scale in zip(self.param_groups, self.lr_scales):
@@ -220,29 +253,7 @@ class TorchBackend(Backend):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self):
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
-        reason = None
-        if self.scaler is not None:
-            # GradScaler skips the step itself on inf/nan and lowers the scale (normal for fp16).
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            reason = None if math.isfinite(norm) else "loss_scale"
-        elif math.isfinite(norm):
-            self.optimizer.step()
-        else:
-            reason = "nonfinite_grad"
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm, reason
-
-    def discard_grads(self):
-        self.optimizer.zero_grad(set_to_none=True)
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
+        return self._clip_and_step(self.module.parameters(), self.scaler)
 
     def iter_full_state(self, wanted):
         for name, p in self.module.named_parameters():

@@ -16,7 +16,6 @@ load, so a run saved on 2 ranks resumes on 1 or 3 with exact SGD momentum (distr
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -69,22 +68,7 @@ class FSDP2Backend(Backend):
         (loss / self.grad_accumulation).backward()
 
     def step(self):
-        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        norm = float(_full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
-        reason = None
-        if math.isfinite(norm):
-            self.optimizer.step()
-        else:
-            reason = "nonfinite_grad"
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm, reason
-
-    def discard_grads(self):
-        self.optimizer.zero_grad(set_to_none=True)
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
+        return self._clip_and_step(self.model.parameters())
 
     # ---- checkpoints ------------------------------------------------------------------------
 
