@@ -93,11 +93,13 @@ def test_nnunetv2_predict_command_finds_the_dataset_id(case, tmp_path):
     import os
     import shutil
     import subprocess
+    import sys
 
     root, result, affine = case
-    exe = shutil.which("nnUNetv2_predict")
+    # The console script sits next to this interpreter (a venv need not be on PATH, as in CI).
+    exe = shutil.which("nnUNetv2_predict", path=os.path.dirname(sys.executable)) or shutil.which("nnUNetv2_predict")
     if exe is None:
-        pytest.skip("nnUNetv2_predict is not on PATH")
+        pytest.skip("nnUNetv2_predict is neither next to this Python nor on PATH (nnunetv2 not installed?)")
     env = dict(os.environ, nnUNet_results=str(result.out / "nnunet"), nnUNet_raw=str(tmp_path),
                nnUNet_preprocessed=str(tmp_path))
     cmd = [exe, "-i", str(root / "in"), "-o", str(tmp_path / "pred"), "-d", "900", "-c", "3d_fullres", "-f", "0",

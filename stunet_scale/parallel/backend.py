@@ -71,12 +71,12 @@ def prepare_module(module: nn.Module, dist_cfg) -> nn.Module:
         # (22 for a 6-stage net): past its default limit (8) it would switch to dynamic shapes,
         # which Inductor cannot lower for strided conv3d. Shapes are fixed per block in
         # training and inference, so compile static graphs and allow one per block.
-        import torch._dynamo
+        from torch._dynamo import config as dynamo_config
 
         blocks = module.checkpoint_units("block")
-        limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks))
-        torch._dynamo.config.recompile_limit = limit
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
+        limit = max(dynamo_config.recompile_limit, 2 * len(blocks))
+        dynamo_config.recompile_limit = limit
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * limit)
         for block in blocks:
             block.compile(dynamic=False)
     return module
