@@ -258,6 +258,13 @@ def _plt():
     return plt
 
 
+def _save_figure(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)  # pyplot keeps every open figure alive; a long run plots hundreds
+
+
 def plot_progress(history: list[dict], path: Path) -> Path | None:
     """Loss terms and lr over steps, plus validation Dice if any (nnU-Net's progress.png)."""
     train = [r for r in history if r.get("kind") == "train" and r.get("loss") is not None]
@@ -284,10 +291,7 @@ def plot_progress(history: list[dict], path: Path) -> Path | None:
     axes[1].plot(steps, [r.get("lr") for r in train], color="tab:red", lw=0.8)
     axes[1].set_ylabel("learning rate")
     axes[1].set_xlabel("optimizer step")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
     return path
 
 
@@ -303,10 +307,7 @@ def plot_class_dice(dice: dict[str, float], path: Path, title: str) -> Path | No
     ax.set_ylim(0, 1)
     ax.set_ylabel("Dice")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
     return path
 
 
@@ -327,8 +328,5 @@ def plot_preview(image, label, pred, path: Path, title: str) -> Path:
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
     return path

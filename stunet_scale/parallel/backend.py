@@ -110,8 +110,11 @@ class Backend:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
+    model: nn.Module  # what the training forward calls: the module, or its DDP/FSDP2 wrapping
+
     def forward(self, x: torch.Tensor):
-        raise NotImplementedError
+        with self.autocast():
+            return self.model(self._input(x))
 
     def accumulate(self, last: bool):
         return contextlib.nullcontext()
@@ -169,10 +172,14 @@ class Backend:
     def eval(self) -> None:
         self.module.eval()
 
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.model
+
     @torch.no_grad()
     def eval_forward(self, x: torch.Tensor):
         with self.autocast():
-            return self.forward(x)
+            return self.eval_model(self._input(x))
 
     def after_eval(self) -> None:
         """Called once after a block of evaluation forwards (FSDP2 re-shards here)."""
@@ -233,15 +240,10 @@ class TorchBackend(Backend):
             self.model = DDP(module, gradient_as_bucket_view=True, **kwargs)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
-    def forward(self, x):
-        with self.autocast():
-            return self.model(self._input(x))
-
-    @torch.no_grad()
-    def eval_forward(self, x):
+    @property
+    def eval_model(self) -> nn.Module:
         # The bare module: DDP's forward hooks are for training only and evaluation is rank-local.
-        with self.autocast():
-            return self.module(self._input(x))
+        return self.module
 
     def accumulate(self, last: bool):
         if not last and hasattr(self.model, "no_sync"):

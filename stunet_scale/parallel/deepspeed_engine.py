@@ -27,6 +27,7 @@ so a step that is abandoned halfway (non-finite loss on some micro-batch) can be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -180,8 +181,6 @@ class DeepSpeedBackend(Backend):
 
     def accumulate(self, last: bool):
         self.engine.set_gradient_accumulation_boundary(last)
-        import contextlib
-
         return contextlib.nullcontext()
 
     def backward(self, loss):

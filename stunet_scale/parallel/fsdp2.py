@@ -48,15 +48,6 @@ class FSDP2Backend(Backend):
         groups, self.lr_scales = param_groups(module, cfg.optim.lr, cfg.optim.backbone_lr_scale)
         self.optimizer = make_sgd(groups, cfg.optim)
 
-    def forward(self, x):
-        with self.autocast():
-            return self.model(self._input(x))
-
-    @torch.no_grad()
-    def eval_forward(self, x):
-        with self.autocast():
-            return self.model(self._input(x))
-
     def after_eval(self):
         # After a no_grad forward the root's params stay unsharded plain Parameters, which the
         # optimizer and DCP would not recognise (distributed.md §4.1); shard them again.
