@@ -24,6 +24,9 @@ stunet-scale train --config configs/debug.yaml
 # bit for bit before the folder appears.
 stunet-scale export runs/debug runs/debug/export --overwrite
 # What a downstream team tries first: segment a CT with the export, output in the input's geometry.
-case=$(ls data_shards/demo_raw | grep -m1 '^s')
+# The first case (s0001, ...) by glob, not by parsing ls: globs sort the same and never split names.
+cts=(data_shards/demo_raw/s*/ct.nii.gz)
+[ -f "${cts[0]}" ] || { echo "no data_shards/demo_raw/s*/ct.nii.gz to predict on" >&2; exit 1; }
+case=$(basename "$(dirname "${cts[0]}")")
 stunet-scale predict runs/debug/export data_shards/demo_raw/"$case"/ct.nii.gz runs/debug/prediction/"$case".nii.gz
 echo "quickstart done: run dir runs/debug (MLflow: runs/debug/mlflow.db), export runs/debug/export, prediction runs/debug/prediction"

@@ -10,7 +10,10 @@
 #
 # Each array task prepares every N-th WebDataset shard group (a few cases each), so tasks never
 # write the same files; finished cases are skipped on a rerun, so a failed task is simply resubmitted
-# (`sbatch --array=<failed ids> ...`). The finalize job runs only if every task succeeded (afterok).
+# with the original count (`sbatch --array=<failed ids> slurm/submit_prepare.sh SOURCE OUT --num-shards N
+# [-- ...]`; its lowest task queues a new finalize job). The finalize job runs only if every task
+# succeeded (afterok). Task i always prepares slice i of N; N is --num-shards, else the array's size
+# when the array is the whole range 0-(N-1).
 #
 #SBATCH --job-name=stunet-prepare
 #SBATCH --ntasks=1
@@ -37,12 +40,16 @@ usage() {
 SOURCE=$1
 OUT=$2
 shift 2
-NUM_SHARDS=${STUNET_PREPARE_SHARDS:-16}
+# The slice count as given (--num-shards, else $STUNET_PREPARE_SHARDS, which the login-node path
+# passes to its array); empty = not given. Kept apart from the login node's default of 16 because an
+# array task must not mistake that default for the real count.
+NUM_SHARDS_GIVEN=${STUNET_PREPARE_SHARDS:-}
 if [[ ${1:-} == --num-shards ]]; then
     [[ $# -ge 2 ]] || usage
-    NUM_SHARDS=$2
+    NUM_SHARDS_GIVEN=$2
     shift 2
 fi
+NUM_SHARDS=${NUM_SHARDS_GIVEN:-16}
 if [[ ${1:-} == -- ]]; then
     shift
 fi
@@ -90,9 +97,27 @@ if [[ -z ${SLURM_ARRAY_TASK_ID:-} ]]; then
     exit 2
 fi
 
-# Inside an array task. The slice count is the array's size unless the driver said otherwise.
-NUM_SHARDS=${SLURM_ARRAY_TASK_COUNT:-$NUM_SHARDS}
-INDEX=$((SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-0}))
+# Inside an array task: task i prepares slice i. The index is the task id itself, never its offset
+# in this array, so a retry of some tasks (`sbatch --array=3,7 ... --num-shards 16`) prepares the
+# same slices 3 and 7 of 16 that failed.
+INDEX=$SLURM_ARRAY_TASK_ID
+if [[ -z $NUM_SHARDS_GIVEN ]]; then
+    # No count given: the array itself must be the whole 0..N-1 range, or its size is not the count.
+    first=${SLURM_ARRAY_TASK_MIN:-}
+    last=${SLURM_ARRAY_TASK_MAX:-}
+    count=${SLURM_ARRAY_TASK_COUNT:-}
+    if [[ $first != 0 || -z $count || $last != $((count - 1)) ]]; then
+        echo "array tasks ${first:-?}-${last:-?} (${count:-?} tasks) are not the whole range 0-(N-1), so the number" \
+            "of slices is unknown: pass the original count, e.g. sbatch --array=<failed ids>" \
+            "slurm/submit_prepare.sh SOURCE OUT --num-shards N [-- ...]" >&2
+        exit 2
+    fi
+    NUM_SHARDS=$count
+fi
+if ! [[ $NUM_SHARDS =~ ^[1-9][0-9]*$ ]] || ((INDEX >= NUM_SHARDS)); then
+    echo "array task $INDEX is not a slice of --num-shards '$NUM_SHARDS' (tasks must be 0-(N-1))" >&2
+    exit 2
+fi
 if [[ -z $ROLE && $SLURM_ARRAY_TASK_ID == "${SLURM_ARRAY_TASK_MIN:-0}" ]]; then
     # Submitted by hand with sbatch --array: the first task queues the finalize job once.
     SCRIPT=$(scontrol show job -o "$SLURM_JOB_ID" | tr ' ' '\n' | sed -n 's/^Command=//p')

@@ -99,6 +99,22 @@ if [[ -z ${SLURM_JOB_ID:-} ]]; then
     exit 2
 fi
 
+# PET_SIGNALS_TO_HANDLE is torchrun's --signals-to-handle (pytorch/pytorch#160690, Aug 2025), which
+# `accelerate launch` inherits by parsing torchrun's options. A torch without it ignores the variable:
+# SIGUSR1 then kills the launcher of either STUNET_LAUNCHER, the ranks never see it, no checkpoint is
+# saved and the preemption loses everything since the last periodic one. No launcher path avoids
+# that, so refuse before anything is queued or started (pyproject allows torch releases without it).
+torchrun_help=$("$PYTHON" -m torch.distributed.run --help)
+if [[ $torchrun_help != *--signals-to-handle* ]]; then
+    torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null || echo unknown)
+    echo "submit_pretrain.sh: torch $torch_version ($PYTHON) has no torchrun --signals-to-handle, so" \
+        "PET_SIGNALS_TO_HANDLE is ignored and the preemption signal SIG$PREEMPT_SIGNAL would kill the launchers" \
+        "(accelerate and torchrun alike) without reaching the ranks: no checkpoint at the signal, the work since the last one is lost." \
+        "Fix: upgrade torch in that environment until \`$PYTHON -m torch.distributed.run --help\` lists" \
+        "--signals-to-handle (pip install -U torch; torch from late 2025 on)." >&2
+    exit 2
+fi
+
 RESTART=${SLURM_RESTART_COUNT:-0}
 NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 JOB_REF=$SLURM_JOB_ID

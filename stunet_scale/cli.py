@@ -14,14 +14,6 @@ import sys
 EXIT_USAGE = 2
 
 
-def _not_yet(name: str, issue: int):
-    def handler(args: argparse.Namespace) -> int:
-        print(f"stunet-scale {name}: not available in this build yet (planned in issue #{issue})", file=sys.stderr)
-        return EXIT_USAGE
-
-    return handler
-
-
 # --------------------------------------------------------------------------------------------
 # info
 # --------------------------------------------------------------------------------------------
@@ -144,7 +136,15 @@ def _demo_data(args: argparse.Namespace) -> int:
     from .data.demo import write_demo_dataset
 
     _setup_logging()
-    out = write_demo_dataset(args.out, cases=args.cases, seed=args.seed, classes=args.classes)
+    from .data.demo import parse_shape_range
+
+    try:
+        shape = parse_shape_range(args.shape) if args.shape else None
+    except ValueError as e:
+        print(f"demo-data: --shape: {e}", file=sys.stderr)
+        return 2
+    out = write_demo_dataset(args.out, cases=args.cases, seed=args.seed, classes=args.classes, shape=shape,
+                             spacing=args.spacing)
     print(f"wrote {args.cases} demo case(s) to {out}")
     return 0
 
@@ -156,6 +156,11 @@ def _add_demo_data(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classes", choices=["totalseg-v2", "totalseg-v1"], default="totalseg-v2",
                    help="mask names and count of the TotalSegmentator release to imitate")
+    p.add_argument("--shape", default=None, metavar="X,Y,Z",
+                   help="voxels per axis, sizes or LO-HI ranges drawn per case (e.g. 260-300,210-250,240-300 "
+                        "for the data benchmark's torso-sized cases), at isotropic --spacing; default: small "
+                        "~80-97 voxel cases with mixed spacings")
+    p.add_argument("--spacing", type=float, default=1.5, help="isotropic spacing in mm with --shape")
     p.set_defaults(func=_demo_data)
 
 
@@ -174,14 +179,15 @@ def _add_train(sub) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    if args.dry_run:  # one process, no ranks started (issue 7); training itself is issue 5's
-        from .config import load_config
-        from .planning import dry_run
+    # One path for training and --dry-run: the trainer's entry point (exit codes: stunet_scale.train).
+    from .train.__main__ import main as train_main
 
-        return dry_run(load_config(args.config, args.overrides), args.world_size)
-    from .train.__main__ import main as train_main  # exit codes: stunet_scale.train
-
-    return train_main((["--config", args.config] if args.config else []) + list(args.overrides))
+    argv = ["--config", args.config] if args.config else []
+    if args.dry_run:
+        argv.append("--dry-run")
+    if args.world_size is not None:
+        argv += ["--world-size", str(args.world_size)]
+    return train_main(argv + list(args.overrides))
 
 
 def _plan(args: argparse.Namespace) -> int:

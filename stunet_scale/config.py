@@ -36,10 +36,10 @@ MODEL_HELP = {
     "size": "preset S/B/L/H (widths 16/32/64/96 x [1,2,4,8,16,16], blocks 1/1/2/3); null = set base_width/blocks_per_stage",
     "base_width": "channels of stage 0; null = from the preset",
     "blocks_per_stage": "residual blocks per stage (int or 6 ints); null = from the preset",
-    "width_multipliers": "stage widths as multiples of base_width (six stages)",
+    "width_multipliers": "stage widths as multiples of base_width, one per stage (their count sets the stages; presets: six)",
     "in_channels": "input image channels (1 for CT)",
     "num_classes": "output channels incl. background (105 = STU-Net head on TotalSegmentator v1)",
-    "pool_strides": "stride of each of the five down-samplings, per axis (anisotropic allowed, e.g. [2,2,1])",
+    "pool_strides": "stride of each down-sampling between stages (one fewer than stages; presets: five), per axis (anisotropic allowed, e.g. [2,2,1])",
     "kernel_sizes": "conv kernel per stage, per axis (odd)",
     "deep_supervision": "return one logit map per decoder stage for the deep-supervision loss",
 }
@@ -435,8 +435,14 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"distributed.zero_stage must be 0, 1, 2 or 3, got {dist.zero_stage}")
     if dist.offload_params and (dist.backend != "deepspeed" or dist.zero_stage != 3):
         raise ConfigError("distributed.offload_params needs distributed.backend=deepspeed and distributed.zero_stage=3")
-    if dist.offload_optimizer and dist.backend != "deepspeed":
-        raise ConfigError("distributed.offload_optimizer needs distributed.backend=deepspeed")
+    # DeepSpeed offloads only what ZeRO partitions: optimizer states from stage 1 on (its
+    # DeepSpeedZeroOffloadOptimizerConfig: "Valid with stage 1, 2, and 3"), parameters at stage 3.
+    # Checked here so `train --dry-run` and the planner's Setting.valid() agree, before W ranks start.
+    if dist.offload_optimizer and (dist.backend != "deepspeed" or dist.zero_stage < 1):
+        raise ConfigError(
+            f"distributed.offload_optimizer needs distributed.backend=deepspeed and distributed.zero_stage >= 1 "
+            f"(got backend={dist.backend}, zero_stage={dist.zero_stage})"
+        )
     if cfg.checkpoint.keep_last < 2:
         raise ConfigError("checkpoint.keep_last must be >= 2: the newest checkpoint may be the one being written")
     if cfg.checkpoint.every_steps < 1:

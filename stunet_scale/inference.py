@@ -42,17 +42,22 @@ def window_starts(image_size: Sequence[int], patch_size: Sequence[int], step_siz
 
 @lru_cache(maxsize=8)
 def _gaussian(patch_size: tuple[int, ...], sigma_scale: float) -> np.ndarray:
-    # A separable Gaussian centred on the patch; edges get low weight because their context is cut off.
-    axes = []
-    for p in patch_size:
-        x = np.arange(p, dtype=np.float64) - (p - 1) / 2
-        sigma = max(p * sigma_scale, 1e-6)
-        axes.append(np.exp(-0.5 * (x / sigma) ** 2))
-    g = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    g = g / g.max()
-    # nnU-Net clamps the tails so no voxel gets (near) zero weight, which would divide by ~0.
-    g = np.maximum(g, g[g > 0].min() if np.any(g > 0) else 1.0)
-    return np.maximum(g, 1e-3).astype(np.float32)
+    # Exactly nnU-Net v2's ``compute_gaussian``: a unit impulse at ``p // 2`` blurred by scipy's
+    # truncated Gaussian (sigma = p * sigma_scale), scaled to max 1, and only voxels that came out
+    # exactly 0 (outside the truncation radius) raised to the smallest nonzero weight so the blend
+    # never divides by 0. No other floor: a fixed floor (e.g. 1e-3) would flatten the tails of a
+    # 128^3 map and give patch borders more say than nnU-Net, so the same weights would predict
+    # differently from nnU-Net's predictor.
+    from scipy.ndimage import gaussian_filter
+
+    impulse = np.zeros(patch_size, dtype=np.float64)
+    impulse[tuple(p // 2 for p in patch_size)] = 1
+    g = gaussian_filter(impulse, [p * sigma_scale for p in patch_size], 0, mode="constant", cval=0)
+    g = (g / np.max(g)).astype(np.float32)  # nnU-Net casts before the zero fix; so do we, to match bit for bit
+    zero = g == 0
+    if zero.any():
+        g[zero] = g[~zero].min()
+    return g
 
 
 def gaussian_importance(patch_size: Sequence[int], sigma_scale: float = 1 / 8) -> torch.Tensor:

@@ -56,10 +56,8 @@ INTER_NODE_GBPS = 20.0  # one HDR InfiniBand HCA (200 Gb/s) per GPU, achievable 
 PCIE_GBPS = 20.0  # host <-> GPU copies (PCIe 4.0 x16, achievable)
 HOST_OPTIMIZER_GBPS = 10.0  # host memory traffic of a CPU optimizer step, per GPU's share of the node
 
-# DeepSpeed knobs the trainer sets (distributed.md §6): buckets in elements.
-REDUCE_BUCKET = 150_000_000
-PREFETCH_BUCKET = 150_000_000
-PERSISTENCE_THRESHOLD = 100_000  # ZeRO-3 keeps tensors smaller than this whole on every rank
+# DeepSpeed's buckets and ZeRO-3 persistence threshold come from the trainer's own
+# ``parallel.deepspeed_engine.zero_defaults`` (see _zero_knobs), so the two cannot drift.
 DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP bucket_cap_mb default
 
 CHECKPOINT_WARN_HOURS = 4.0  # dry run: warn when a crash could lose more wall-clock than this
@@ -95,26 +93,16 @@ def _storage_key(t) -> int:
     return t.untyped_storage()._cdata
 
 
-def _deep_supervision_loss(outputs, weights) -> "torch.Tensor":
-    """The trainer's loss (``stunet_scale.train.loss.DiceCELoss``: fp32 soft Dice + CE on every
-    deep-supervision output) on all-background targets, so the planner measures what the real step
-    saves for backward.
-
-    Called per output through ``DiceCELoss.single`` because the loss's ``autocast(enabled=False)``
-    guard does not exist for the meta device; the arithmetic is the same. Zero-weighted outputs
-    stay in the graph, as in the trainer.
-    """
+def _deep_supervision_loss(outputs, weights):
+    """The trainer's loss itself (``stunet_scale.train.loss.DiceCELoss``: fp32 soft Dice + CE on
+    every deep-supervision output, zero-weighted ones included) on all-background targets, so the
+    planner measures exactly what the real step saves for backward."""
     import torch
 
     from .train.loss import DiceCELoss
 
-    loss = DiceCELoss(weights[: len(outputs)])
-    total = None
-    for out, w in zip(outputs, loss.ds_weights):
-        target = torch.zeros((out.shape[0], 1, *out.shape[2:]), dtype=torch.long, device=out.device)
-        value = loss.single(out, target)[0] * w
-        total = value if total is None else total + value
-    return total
+    targets = [torch.zeros((o.shape[0], 1, *o.shape[2:]), dtype=torch.long, device=o.device) for o in outputs]
+    return DiceCELoss(weights[: len(outputs)])(tuple(outputs), targets)[0]
 
 
 _profile_cache: dict[tuple, ActivationProfile] = {}
@@ -251,6 +239,16 @@ class ModelFacts:
 _facts_cache: dict[tuple, ModelFacts] = {}
 
 
+def _zero_knobs(stage: int, largest_param: int) -> dict:
+    """The ZeRO section the trainer builds for this model (bucket sizes in elements).
+
+    Imported here, not at module level: deepspeed_engine pulls in torch (which `plan` only needs
+    once it measures something); it imports deepspeed itself only when an engine is built."""
+    from .parallel.deepspeed_engine import zero_defaults
+
+    return zero_defaults(stage, largest_param)
+
+
 def model_facts(model_cfg, patch=(128, 128, 128)) -> ModelFacts:
     import torch
 
@@ -263,10 +261,12 @@ def model_facts(model_cfg, patch=(128, 128, 128)) -> ModelFacts:
         with torch.device("meta"):
             model = build_stunet(cfg)
         sizes = [p.numel() for p in model.parameters()]
+        # ZeRO-3 keeps tensors below this threshold whole on every rank.
+        threshold = _zero_knobs(3, max(sizes))["stage3_param_persistence_threshold"]
         _facts_cache[key] = ModelFacts(
             params=sum(sizes),
             largest_param=max(sizes),
-            persistent_params=sum(s for s in sizes if s < PERSISTENCE_THRESHOLD),
+            persistent_params=sum(s for s in sizes if s < threshold),
             train_flops_per_patch=train_step_flops(cfg, tuple(patch), 1),
         )
     return _facts_cache[key]
@@ -347,12 +347,13 @@ def model_state_bytes(facts: ModelFacts, setting: Setting, w: Workload) -> dict[
         host += params
         params = 0.0
     buffers = 0.0
+    knobs = _zero_knobs(z, facts.largest_param) if z >= 1 else {}
     if z >= 3:
         # Gathered weights in flight (current module + prefetch bucket) and the unsharded small tensors.
         params += facts.persistent_params * 4
-        buffers += min(P, PREFETCH_BUCKET + facts.largest_param) * 4
+        buffers += min(P, knobs["stage3_prefetch_bucket_size"] + facts.largest_param) * 4
     if z >= 1:
-        buffers += min(P, REDUCE_BUCKET) * 4  # reduce(-scatter) bucket of fp32 gradients
+        buffers += min(P, knobs["reduce_bucket_size"]) * 4  # reduce(-scatter) bucket of fp32 gradients
     else:
         buffers += 2 * min(P * 4, DDP_BUCKET_BYTES)
     return {"params": params, "grads": grads, "optimizer": optim, "buffers": buffers, "host_per_gpu": host}
@@ -717,7 +718,11 @@ def dry_run(cfg, world_size: int | None = None, gpu_mem_gb: float | None = None,
 
     # Checkpoint cadence vs the run.
     if arithmetic is not None:
-        total = s.max_steps or arithmetic["total_steps"]
+        # Where the trainer stops: the schedule's own rule (schedule.max_steps only if it is earlier
+        # than the recipe's end), not a copy of it.
+        from .train.schedule import Schedule
+
+        total = Schedule.from_config(cfg).stop_step
         if cfg.checkpoint.every_steps > total:
             r.warn(f"checkpoint.every_steps={cfg.checkpoint.every_steps} > {total} steps in the run: only the "
                    f"final and preemption checkpoints will be written")

@@ -41,9 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.sources import NIFTI_SUFFIXES, strip_nifti
+
 log = logging.getLogger("stunet_scale.predict")
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -57,11 +58,7 @@ class PredictError(ValueError):
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return strip_nifti(path.name)
 
 
 def list_cases(input_path: Path, in_channels: int) -> dict[str, list[Path]]:
@@ -97,34 +94,41 @@ def list_cases(input_path: Path, in_channels: int) -> dict[str, list[Path]]:
     return out
 
 
-def read_case(files: Sequence[Path]):
-    """(image [C, x, y, z] float32 in the file's voxel order, affine, reference nibabel image)."""
-    import nibabel as nib
+# prepare's reason code -> what predict says about the file (the user fixes the file, not a dataset)
+_CASE_ERROR_TEXT = {
+    "IO_CORRUPT": "cannot read NIfTI ({msg}); is it truncated?",
+    "IMAGE_2D": "expected a 3-D image ({msg})",
+    "IMAGE_4D": "expected a 3-D image ({msg}); split 4-D series into channel files",
+    "NONFINITE": "contains NaN/Inf voxels ({msg}); fix or mask them before predicting",
+    "NON_ORTHONORMAL": "the header's geometry is broken ({msg})",
+    "QFORM_SFORM_MISMATCH": "the header's geometry is ambiguous ({msg})",
+    "SHAPE_MISMATCH": "channel geometry differs from the first channel ({msg}); channels must be co-registered",
+    "AFFINE_MISMATCH": "channel geometry differs from the first channel ({msg}); channels must be co-registered",
+}
 
-    arrays, ref = [], None
+
+def read_case(files: Sequence[Path]):
+    """(image [C, x, y, z] float32 in the file's voxel order, affine, reference header).
+
+    The files are read and validated by ``sources.read_nifti`` / ``check_same_grid``, the code
+    ``prepare`` quarantines training cases with (full read, every trailing singleton axis squeezed,
+    NaN/Inf, orthonormal affine, qform = sform, co-registered channels); a defect becomes a
+    ``PredictError`` naming the file, so the other cases of a folder still run.
+    """
+    from .data.sources import CaseError, check_same_grid, read_nifti
+
+    niftis = []
     for f in files:
         try:
-            img = nib.load(str(f))
-            data = np.asarray(img.dataobj, dtype=np.float32)  # forces a full read: truncation fails here
-        except Exception as e:  # nibabel raises a zoo of types for broken files
-            raise PredictError(f"{f}: cannot read NIfTI ({type(e).__name__}: {str(e)[:160]}); is it truncated?") from None
-        if data.ndim == 4 and data.shape[3] == 1:
-            data = data[..., 0]
-        if data.ndim != 3:
-            raise PredictError(f"{f}: expected a 3-D image, got shape {data.shape}; split 4-D series into channel files")
-        if not np.all(np.isfinite(data)):
-            raise PredictError(f"{f}: contains NaN/Inf voxels; fix or mask them before predicting")
-        if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
-            raise PredictError(f"{f}: the affine is singular or not finite; the header's geometry is broken")
-        if ref is None:
-            ref = img
-        else:
-            from .data.preprocess import affines_close
-
-            if data.shape != arrays[0].shape or not affines_close(img.affine, ref.affine):
-                raise PredictError(f"{f}: channel geometry differs from {files[0]} (shape or affine); channels must be co-registered")
-        arrays.append(data)
-    return np.stack(arrays), np.asarray(ref.affine, dtype=np.float64), ref
+            nii = read_nifti(Path(f), "image")
+            if niftis:
+                check_same_grid(niftis[0], nii)
+        except CaseError as e:
+            text = _CASE_ERROR_TEXT.get(e.code, "{msg}").format(msg=e.message)
+            raise PredictError(f"{f}: {text}") from None
+        niftis.append(nii)
+    image = np.stack([n.data.astype(np.float32, copy=False) for n in niftis])
+    return image, niftis[0].affine, niftis[0].header
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,14 +138,11 @@ def read_case(files: Sequence[Path]):
 
 def preprocess(image: np.ndarray, affine: np.ndarray, spec) -> tuple[np.ndarray, object]:
     """File-grid ``image [C, x, y, z]`` -> normalised network input ``[C, ...]`` and its ``Geometry``."""
-    from .data.preprocess import apply_ornt, crop_box, plan_geometry, ras_orientation, to_stored_grid
+    from .data.preprocess import stored_case
 
-    ras = apply_ornt(image, ras_orientation(affine))
-    box = crop_box(ras, None, spec.crop)
     zyx = spec.axis_order == "ras_zyx"
     target = list(spec.spacing)[::-1] if zyx else list(spec.spacing)  # geometry works in RAS (x, y, z)
-    geometry = plan_geometry(image.shape[-3:], affine, box, target)
-    x = to_stored_grid(image, geometry, "image", method=spec.image_interpolation)
+    geometry, x, _ = stored_case(image, affine, target, spec.crop, image_method=spec.image_interpolation)
     x = normalize(x, spec)
     if zyx:
         x = np.ascontiguousarray(x.transpose(0, 3, 2, 1))
@@ -149,19 +150,29 @@ def preprocess(image: np.ndarray, affine: np.ndarray, spec) -> tuple[np.ndarray,
 
 
 def normalize(x: np.ndarray, spec) -> np.ndarray:
-    """Per channel: z-score over the (cropped, resampled) image, or nnU-Net's CT scheme."""
-    x = x.astype(np.float32, copy=True)
-    for c in range(x.shape[0]):
-        if spec.normalization == "ct":
-            s = spec.intensity_stats
-            np.clip(x[c], s["percentile_00_5"], s["percentile_99_5"], out=x[c])
-            x[c] -= s["mean"]
-            x[c] /= max(float(s["std"]), 1e-8)
-        else:
-            mean, std = float(x[c].mean(dtype=np.float64)), float(x[c].std(dtype=np.float64))
-            x[c] -= mean
-            x[c] /= max(std, 1e-8)
-    return x
+    """Per channel: z-score over the (cropped, resampled) image, or nnU-Net's CT scheme.
+
+    The training code's own functions, not a copy: the statistics ``prepare`` records
+    (``intensity_stats``), turned into (clip, scale, shift) by ``readers.normalization`` and applied
+    by ``augment.normalize_into``, which training and validation run. So the epsilon
+    (``std + 1e-8`` for the z-score, ``max(std, 1e-8)`` for CT), the float32 rounding of scale and
+    shift and the order of operations are those the weights saw.
+    """
+    from types import SimpleNamespace
+
+    from .data.augment import normalize_into
+    from .data.preprocess import intensity_stats
+    from .data.readers import normalization
+
+    # normalization() reads the dataset statistics from a store; predict has them in the ModelSpec
+    store = SimpleNamespace(intensity=spec.intensity_stats, root=f"model spec ({spec.normalization})")
+    norm = np.concatenate([
+        normalization(store, {"id": "input", "intensity": intensity_stats(x[c], None)}, spec.normalization, 1)
+        for c in range(x.shape[0])
+    ])
+    out = torch.empty(x.shape, dtype=torch.float32)
+    normalize_into(out, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(norm))
+    return out.numpy()
 
 
 def logits_to_labels(logits: torch.Tensor, out_shape: Sequence[int], max_bytes: int = 512 << 20) -> torch.Tensor:
@@ -197,10 +208,9 @@ def logits_to_labels(logits: torch.Tensor, out_shape: Sequence[int], max_bytes: 
 
 def restore_labels(labels: np.ndarray, geometry) -> np.ndarray:
     """Labels on the cropped RAS grid (x, y, z) -> the original file's voxel grid."""
-    from .data.preprocess import from_ras, uncrop
+    from .data.preprocess import paste_to_original
 
-    full = uncrop(labels, geometry.crop_box, geometry.ras_shape, 0)
-    return np.ascontiguousarray(from_ras(full, np.asarray(geometry.ornt)))
+    return paste_to_original(labels, geometry, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,14 +274,15 @@ def _out_device(device: torch.device, num_classes: int, shape) -> torch.device:
 
 
 def save_labels(labels: np.ndarray, reference, path: Path) -> None:
-    """Write ``labels`` with the reference image's geometry (affine, qform, sform, units), atomically."""
+    """Write ``labels`` with the geometry of ``reference`` (the input's NIfTI header or image: affine,
+    qform, sform, units), atomically."""
     import nibabel as nib
 
+    hdr = getattr(reference, "header", reference)
     dtype = np.uint8 if labels.max(initial=0) <= 255 else np.uint16
-    img = nib.Nifti1Image(labels.astype(dtype, copy=False), reference.affine)
-    hdr = reference.header
-    img.set_qform(reference.get_qform(), code=int(hdr["qform_code"]))
-    img.set_sform(reference.get_sform(), code=int(hdr["sform_code"]))
+    img = nib.Nifti1Image(labels.astype(dtype, copy=False), hdr.get_best_affine())
+    img.set_qform(hdr.get_qform(), code=int(hdr["qform_code"]))
+    img.set_sform(hdr.get_sform(), code=int(hdr["sform_code"]))
     img.header.set_xyzt_units(*hdr.get_xyzt_units())
     img.header.set_data_dtype(dtype)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")

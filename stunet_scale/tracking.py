@@ -27,6 +27,26 @@ log = logging.getLogger("stunet_scale.tracking")
 _MAX_FAILURES = 3
 
 
+def git_revision() -> str | None:
+    """HEAD of the checkout this package runs from, with ``-dirty`` for uncommitted tracked changes.
+
+    None outside a git checkout (an installed wheel) or without git. Two subprocesses: callers on
+    many ranks compute it once on rank 0 and broadcast it.
+    """
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0 or not rev.stdout.strip():
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def default_tracking_uri(run_dir: Path, configured: str | None) -> str:
     if configured:
         return configured

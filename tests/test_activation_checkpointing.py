@@ -11,12 +11,27 @@ from stunet_scale.models import ModelConfig, build_stunet
 from stunet_scale.parallel import apply_activation_checkpointing
 
 
+# Convs whose calls are counted: the first block that sees the raw image, a later block inside a
+# multi-block stage (so "stage" granularity is checked beyond its first block), and an upsampling
+# conv that is never wrapped (a control: it must run once either way).
+WATCHED = ("conv_blocks_context.0.0.conv1", "conv_blocks_context.1.1.conv1", "upsample_layers.0.conv")
+
+
 def _grads(model, x):
+    """Loss, per-parameter grads and how often each watched conv ran in one forward+backward."""
     model.zero_grad(set_to_none=True)
-    out = model(x)
-    loss = sum((w * o.float().square().mean()) for w, o in zip([1, 0.5, 0.25, 0.125, 0.0625], out))
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    calls = dict.fromkeys(WATCHED, 0)
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+               for name in WATCHED]
+    try:
+        out = model(x)
+        loss = sum((w * o.float().square().mean()) for w, o in zip([1, 0.5, 0.25, 0.125, 0.0625], out))
+        loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, calls
 
 
 @pytest.mark.parametrize("granularity", ["block", "stage"])
@@ -27,8 +42,13 @@ def test_gradients_equal_with_and_without_checkpointing(granularity):
     n = apply_activation_checkpointing(wrapped, granularity)
     assert n == (22 if granularity == "block" else 11)
     x = torch.randn(2, 1, 64, 64, 64)
-    loss_ref, g_ref = _grads(reference, x)
-    loss_ckpt, g_ckpt = _grads(wrapped, x)
+    loss_ref, g_ref, calls_ref = _grads(reference, x)
+    loss_ckpt, g_ckpt, calls_ckpt = _grads(wrapped, x)
+    # Equal gradients alone would also pass if checkpointing did nothing: show that backward
+    # really recomputes the wrapped units (each watched block conv runs again) and only those.
+    assert calls_ref == dict.fromkeys(WATCHED, 1)
+    assert calls_ckpt == {"conv_blocks_context.0.0.conv1": 2, "conv_blocks_context.1.1.conv1": 2,
+                          "upsample_layers.0.conv": 1}
     torch.testing.assert_close(loss_ckpt, loss_ref)
     assert set(g_ckpt) == set(g_ref)
     for name in g_ref:

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 
 def test_bench_data_reports_ours_and_nnunet(prepared_demo):
     out = subprocess.run(
@@ -18,3 +20,5 @@ def test_bench_data_reports_ours_and_nnunet(prepared_demo):
     assert r["cpu_side_patches_per_s_per_core"] > r["cpu_full_aug_patches_per_s_per_core"]
     assert r["cpu_full_aug_vs_nnunet"] == r["cpu_full_aug_patches_per_s_per_core"] / r["nnunet_patches_per_s_per_core"]
     assert "gpu_aug_ms_per_batch" in r and r["threads"] == 1 and r["initial_patch"] == [102, 102, 102]
+    if not torch.cuda.is_available():
+        assert r["gpu_aug_ms_per_batch"] is None  # the documented null without a GPU, not 0 or NaN

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +16,22 @@ from stunet_scale.cli import build_parser, main
 SUBCOMMANDS = ["info", "config", "demo-data", "prepare", "train", "plan", "bench", "export", "predict"]
 
 
-def run(*args, check=True):
+def run(*args, check=True, command=None):
     env = dict(os.environ, DS_ACCELERATOR="cpu")
-    return subprocess.run([sys.executable, "-m", "stunet_scale", *args], capture_output=True, text=True, env=env, check=check)
+    command = command or [sys.executable, "-m", "stunet_scale"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, check=check)
+
+
+def console_script() -> str:
+    """The installed `stunet-scale` entry point of the environment running the tests.
+
+    Next to the interpreter first (a venv's bin/ need not be on PATH), else PATH, so the test
+    never picks up a script from some other environment when this one has its own.
+    """
+    beside = Path(sys.executable).parent / "stunet-scale"
+    found = str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which("stunet-scale")
+    assert found, f"no `stunet-scale` console script next to {sys.executable} or on PATH; pip install -e . first"
+    return found
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS + ["bench data", "bench train", "bench prepare"])
@@ -50,6 +65,10 @@ def test_info_json_reports_presets_class_maps_and_environment():
 def test_info_text_and_console_script_agree():
     text = run("info").stdout
     assert "1,457,326,221" in text and "25.187" in text
+    # The console script is a separate entry point (pyproject's [project.scripts]); run it for real
+    # rather than assuming it maps to the same main() as `python -m stunet_scale`.
+    script = run("info", command=[console_script()])
+    assert script.stdout == text
 
 
 def test_config_errors_exit_2_with_the_key_named():

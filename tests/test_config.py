@@ -65,6 +65,26 @@ def test_cross_key_validation_names_the_key(overrides, key):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+@pytest.mark.parametrize("offload", ["none", "optimizer", "params"])
+def test_offload_needs_the_zero_stage_deepspeed_needs(zero, offload):
+    # DeepSpeed offloads optimizer states from ZeRO-1 on and parameters only at ZeRO-3; the config
+    # check (what `train --dry-run` runs) must agree with the planner's Setting.valid().
+    from stunet_scale.planning import Setting
+
+    flags = {"none": [], "optimizer": ["distributed.offload_optimizer=true"],
+             "params": ["distributed.offload_optimizer=true", "distributed.offload_params=true"]}[offload]
+    overrides = ["distributed.backend=deepspeed", f"distributed.zero_stage={zero}", *flags]
+    why = Setting(zero, "none", offload).valid()
+    if why is None:
+        load_config(None, overrides)
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    key = "distributed.offload_params" if offload == "params" else "distributed.offload_optimizer"
+    assert key in str(err.value) and "distributed.zero_stage" in str(err.value)
+
+
 def test_yaml_is_never_executed(tmp_path):
     evil = tmp_path / "evil.yaml"
     marker = tmp_path / "pwned"
@@ -114,6 +134,15 @@ def test_pretrain_recipes_are_the_paper_recipe_per_size():
         assert (cfg.schedule.epochs, cfg.schedule.samples_per_epoch, cfg.schedule.global_batch) == (4000, 500, 2)
         assert cfg.data.patch_size == [128, 128, 128] and cfg.data.spacing == [1.5] * 3
         assert cfg.optim.lr == 0.01 and cfg.augmentation.mirror and cfg.data.normalization == "zscore"
+        # The rest of nnU-Net's optimiser/loss recipe that STU-Net keeps: a recipe drifting from it
+        # would still load and train, just not reproduce the paper.
+        assert cfg.optim.name == "sgd" and cfg.optim.momentum == 0.99 and cfg.optim.nesterov is True
+        assert cfg.optim.weight_decay == 3e-5 and cfg.optim.grad_clip == 12
+        assert cfg.schedule.poly_power == 0.9
+        # nnU-Net's deep-supervision weights for five decoder outputs: 1/2^i, the lowest resolution
+        # zeroed, normalised to sum 1 -> 8/15, 4/15, 2/15, 1/15, 0.
+        assert cfg.loss.deep_supervision_weights == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0.0])
+        assert cfg.data.oversample_foreground == 0.33
 
 
 def test_from_dict_rejects_non_mapping_section():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -177,3 +178,94 @@ def test_nnunet_folder_without_our_spec_is_read_from_its_plans(tmp_path, exporte
     assert weights.spec.labels == TINY_LABELS and weights.spec.spacing == spec.spacing
     assert weights.spec.axis_order == "ras_xyz" and weights.spec.mirror_axes == [0, 1]
     assert weights.spec.model_config == spec.model_config
+
+
+def test_nan_dice_is_written_as_null_and_the_json_is_strict(tmp_path):
+    import dataclasses
+
+    from export_fixtures import tiny_spec, tiny_state_dict
+
+    spec = tiny_spec()
+    # A class absent from every validation case has an undefined (NaN) Dice in the run's metrics.
+    spec = dataclasses.replace(spec, training=dict(spec.training, validation={
+        "dice_per_class": {"liver": 0.91, "spleen": float("nan"), "kidney_left": 0.77}, "mean_dice": float("nan")}))
+    torch.save({"network_weights": tiny_state_dict(spec), "stunet_scale_spec": spec.to_dict()}, tmp_path / "s.pth")
+    result = export(tmp_path / "s.pth", tmp_path / "out", formats=["safetensors"], log=lambda *a: None)
+    text = (result.out / "hf" / "config.json").read_text()
+    assert "NaN" not in text
+    config = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert config["training"]["validation"]["dice_per_class"]["spleen"] is None
+    assert config["training"]["validation"]["mean_dice"] is None
+    card = (result.out / "README.md").read_text()
+    assert "| spleen | - (absent from the validation cases) |" in card
+    assert re.search(r"\bnan\b", card, re.IGNORECASE) is None
+    assert "mean 0.8400" in card  # over the classes that have a Dice
+
+
+def test_manifest_case_counts_reach_dataset_json_and_card(tmp_path):
+    from stunet_scale.export.spec import spec_from_train_config
+
+    from export_fixtures import tiny_state_dict, tiny_train_config
+
+    cfg = tiny_train_config()
+    cfg["data"]["train_splits"] = ["train", "extra"]
+    manifest = {"class_map": {"name": "custom", "labels": ["background", "a", "b", "c"], "num_classes": 4},
+                "stats": {"splits": {"extra": 5, "train": 37, "val": 4}}}
+    spec = spec_from_train_config(cfg, training={"steps": 3}, manifest=manifest)
+    assert spec.training["num_training_cases"] == 42
+    assert spec.training["cases_per_split"] == {"extra": 5, "train": 37, "val": 4}
+    torch.save({"network_weights": tiny_state_dict(spec), "stunet_scale_spec": spec.to_dict()}, tmp_path / "s.pth")
+    result = export(tmp_path / "s.pth", tmp_path / "out", formats=["nnunet", "safetensors"], log=lambda *a: None)
+    assert json.loads((result.nnunet_folder / "dataset.json").read_text())["numTraining"] == 42
+    card = (result.out / "README.md").read_text()
+    assert "| training cases | 42 (prepared cases per split: extra 5, train 37, val 4) |" in card
+
+
+def test_card_and_readme_say_what_the_model_file_is_for(exported):
+    result, _, _ = exported
+    card = (result.out / "README.md").read_text()
+    assert ".model.pkl" in card and "load_pretrained" in card
+    assert not list(result.out.rglob("*.pkl"))  # no pickle sidecar is shipped
+
+
+def test_files_are_written_in_place_and_hashed_once(tmp_path, monkeypatch):
+    from stunet_scale.export import exporter
+
+    source, _, _ = write_source(tmp_path / "ckpt.pth")
+    hashed = []
+    real = exporter.sha256_file
+    monkeypatch.setattr(exporter, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    copies = []
+    monkeypatch.setattr(exporter.shutil, "copyfile", lambda *a, **k: copies.append(a))
+    result = export(source, tmp_path / "out", formats=["nnunet"], log=lambda *a: None)
+    assert not copies and not (result.out / "stunet").exists()
+    assert sorted(hashed) == sorted(["dataset.json", "plans.json", "checkpoint_final.pth", "README.md"])
+    sums = (result.out / "SHA256SUMS").read_text()
+    assert sums.count("\n") == 4 and result.files == dict(l.split("  ")[::-1] for l in sums.splitlines())
+
+
+def test_last_validation_of_a_run_reaches_the_card(tmp_path):
+    from stunet_scale.export.checkpoint_io import _last_validation
+    from stunet_scale.export.hf_bundle import validation_table
+
+    from export_fixtures import tiny_spec
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_000000020"
+    ckpt.mkdir(parents=True)
+    rows = [
+        {"kind": "train", "step": 10, "loss": 1.0},
+        {"kind": "val", "step": 10, "epoch": 1, "mean_dice": 0.5, "per_class": {"liver": 0.6, "spleen": 0.4, "kidney_left": 0.5}},
+        {"kind": "val", "step": 20, "epoch": 2, "mean_dice": 0.7, "per_class": {"liver": 0.8, "spleen": 0.6, "kidney_left": 0.7}},
+        {"kind": "val", "step": 30, "epoch": 3, "mean_dice": 0.9, "per_class": {"liver": 0.9, "spleen": 0.9, "kidney_left": 0.9}},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{truncated last li")
+    # the newest full validation at or before the checkpoint's step, not a later one
+    val = _last_validation(ckpt, 20)
+    assert val == {"dice_per_class": {"liver": 0.8, "spleen": 0.6, "kidney_left": 0.7}, "mean_dice": 0.7,
+                   "step": 20, "epoch": 2}
+    assert _last_validation(tmp_path / "elsewhere" / "x" / "y", 20) is None
+    spec = tiny_spec()
+    spec.training = dict(spec.training, validation=val)
+    table = "\n".join(validation_table(spec))
+    assert "mean 0.7000" in table and "| liver | 0.8000 |" in table and "| spleen | 0.6000 |" in table

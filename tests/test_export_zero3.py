@@ -1,13 +1,15 @@
-"""Export after a real 2-rank DeepSpeed ZeRO-3 CPU run, then fine-tune from that export with the same trainer.
+"""Export after real 2-rank DeepSpeed ZeRO-3 and FSDP2 CPU runs, then fine-tune from an export with the same trainer.
 
-The consolidated weights must equal DeepSpeed's own ``zero_to_fp32`` reconstruction bit for bit, and
-every exported format must reload to exactly those tensors.
+The consolidated weights must equal the backends' own reconstructions bit for bit (DeepSpeed's
+``zero_to_fp32``, torch's ``dcp_to_torch_save``), also for a ZeRO checkpoint without our portable
+copy, and every exported format must reload to exactly those tensors.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,32 +35,49 @@ def _env():
     return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
 
 
-@pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("zero3") / "run"
+def _train_2_ranks(run, *backend):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "train_harness.py"), "--config", str(REPO / "configs" / "debug.yaml"),
-           f"run_dir={run}", "distributed.backend=deepspeed", "distributed.zero_stage=3", "schedule.max_steps=2",
-           "schedule.micro_batch=1", "checkpoint.every_steps=2", *TINY]
+           f"run_dir={run}", *backend, "schedule.max_steps=2", "schedule.micro_batch=1", "checkpoint.every_steps=2",
+           *TINY]
     done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=480)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return run
 
 
-def test_export_after_zero3_is_bit_exact(zero3_run, tmp_path):
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    return _train_2_ranks(tmp_path_factory.mktemp("zero3") / "run", "distributed.backend=deepspeed",
+                          "distributed.zero_stage=3")
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    return _train_2_ranks(tmp_path_factory.mktemp("fsdp2") / "run", "distributed.backend=fsdp2")
+
+
+def _zero_to_fp32(run):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    result = export(zero3_run, tmp_path / "export", log=lambda *a: None)
-    source = read_weights(zero3_run)
-    assert source.format == "training-checkpoint"
-    ckpt = next((zero3_run / "checkpoints").glob("step_*"))
+    ckpt = next((run / "checkpoints").glob("step_*"))
     reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "native"), tag="native")
-    reference = {k.removeprefix("module."): v.float() for k, v in reference.items()}
+    return {k.removeprefix("module."): v.float() for k, v in reference.items()}
+
+
+def _assert_export_equals(run, out, reference):
+    source = read_weights(run)
+    assert source.format == "training-checkpoint"
     assert set(reference) == set(source.state_dict)
     assert all(torch.equal(source.state_dict[k], v) for k, v in reference.items())
-    for rel, loaded in reload_all(result.out).items():
+    for rel, loaded in reload_all(out).items():
         assert set(loaded) == set(reference), rel
         assert all(torch.equal(loaded[k], v) for k, v in reference.items()), rel
+
+
+def test_export_after_zero3_is_bit_exact(zero3_run, tmp_path):
+    result = export(zero3_run, tmp_path / "export", log=lambda *a: None)
+    reference = _zero_to_fp32(zero3_run)
+    _assert_export_equals(zero3_run, result.out, reference)
     config = json.loads((result.out / "hf" / "config.json").read_text())
     assert config["training"]["steps"] == 2 and config["training"]["samples_seen"] == 4
     assert config["spec"]["train_config"]["distributed"]["zero_stage"] == 3
@@ -76,3 +95,40 @@ def test_finetune_recipe_initialises_from_the_export(zero3_run, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (run / "init_from_report.txt").read_text()
     assert "loaded 120 tensors" in report and report.count("head re-initialised (4 -> 3 classes)") == 10
+
+
+def test_zero3_checkpoint_without_portable_copy_goes_through_zero_to_fp32(zero3_run, tmp_path):
+    from stunet_scale.checkpointing import load_consolidated
+    from stunet_scale.checkpointing.commit import MANIFEST
+
+    # What a run with checkpoint.portable_copy=false commits: the same checkpoint minus portable/
+    # (and minus portable/ in the commit manifest, so the checkpoint still verifies as committed).
+    run = tmp_path / "run"
+    shutil.copytree(zero3_run, run)
+    ckpt = next((run / "checkpoints").glob("step_*"))
+    shutil.rmtree(ckpt / "portable")
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("portable/")}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    assert load_consolidated(run).meta["source"] == "zero_to_fp32"
+    result = export(run, tmp_path / "export", log=lambda *a: None)
+    _assert_export_equals(run, result.out, _zero_to_fp32(zero3_run))
+
+
+def test_export_after_fsdp2_is_bit_exact_with_dcp_to_torch_save(fsdp2_run, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from stunet_scale.checkpointing.consolidated import clean_key
+
+    ckpt = next((fsdp2_run / "checkpoints").glob("step_*"))
+    dcp_to_torch_save(ckpt / "native", tmp_path / "dcp.pth")
+    full = torch.load(tmp_path / "dcp.pth", weights_only=True)
+    # DCP holds {"model": {fqn: tensor}, "optim": ...}; older layouts flatten it to "model.<fqn>".
+    model = full["model"] if isinstance(full.get("model"), dict) else {
+        k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
+    reference = {clean_key(k): v.float() for k, v in model.items()}
+    assert reference and not any(k.startswith("optim") for k in reference)
+    result = export(fsdp2_run, tmp_path / "export", formats=["stunet", "safetensors"], log=lambda *a: None)
+    _assert_export_equals(fsdp2_run, result.out, reference)
+    config = json.loads((result.out / "hf" / "config.json").read_text())
+    assert config["training"]["world_size"] == 2 and config["training"]["backend"] == "fsdp2"

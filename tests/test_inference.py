@@ -59,3 +59,52 @@ def test_forward_count_and_padding_forwards():
     calls.clear()
     sliding_window_inference(net, image, [16, 16, 16], mirror_axes=(0,), batch_size=2, min_forwards=expected + 3)
     assert len(calls) == expected + 3
+
+
+@pytest.mark.parametrize("patch", [[16, 16, 16], [128, 128, 128], [5, 24, 9], [2, 64, 3]])
+def test_gaussian_is_nnunets_compute_gaussian(patch):
+    # Same weights as nnU-Net v2's predictor, bit for bit (no extra floor on the tails), so a
+    # prediction blends windows exactly as nnUNetv2_predict does. Tiny axes (2, 3) put voxels
+    # beyond scipy's truncation radius: those exact zeros get nnU-Net's min-nonzero replacement.
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    theirs = compute_gaussian(tuple(patch), sigma_scale=1 / 8, dtype=torch.float32, device=torch.device("cpu"))
+    ours = gaussian_importance(patch)
+    assert ours.dtype == torch.float32 and ours.shape == theirs.shape
+    assert torch.equal(ours, theirs)
+    assert ours.min() > 0
+
+
+def test_blend_is_the_gaussian_weighted_average_of_overlapping_windows():
+    # Each window's output is a constant: its own index. So at every voxel the blended value must be
+    # sum_w g(voxel - start_w) * w / sum_w g(voxel - start_w), computed here by hand from the weights.
+    patch = [8, 8, 8]
+    image = torch.zeros(1, 20, 8, 13)
+    seen: list[tuple] = []
+
+    def net(x):
+        out = torch.empty(x.shape[0], 1, *x.shape[2:])
+        for b in range(x.shape[0]):
+            out[b] = float(len(seen))
+            seen.append(None)
+        return out
+
+    out = sliding_window_inference(net, image, patch, step_size=0.5, batch_size=3)
+    starts = window_starts(list(image.shape[1:]), patch, 0.5)
+    windows = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    assert len(seen) == len(windows) and len(windows) > 4
+    g = gaussian_importance(patch).double()
+    assert g[0, 0, 0] < 0.1 * g[4, 4, 4]  # the weights really differ across a window
+    for voxel in [(0, 0, 0), (6, 3, 5), (7, 4, 7), (11, 2, 9), (19, 7, 12), (10, 5, 6)]:
+        num = den = 0.0
+        for index, start in enumerate(windows):
+            local = [v - s for v, s in zip(voxel, start)]
+            if all(0 <= q < p for q, p in zip(local, patch)):
+                w = float(g[tuple(local)])
+                num, den = num + w * index, den + w
+        assert out[(0, *voxel)].item() == pytest.approx(num / den, rel=1e-5)
+    # An unweighted blend of the same windows differs wherever they overlap, so the check above
+    # really depends on the Gaussian (a per-voxel network could not tell the two apart).
+    seen.clear()
+    flat = sliding_window_inference(net, image, patch, step_size=0.5, use_gaussian=False)
+    assert not torch.allclose(flat, out, atol=1e-3)

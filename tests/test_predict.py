@@ -121,6 +121,72 @@ def test_body_crop_keeps_air_as_background(tmp_path):
     assert np.array_equal(seg.astype(bool), image == 300.0)
 
 
+def test_trailing_singleton_axes_are_squeezed_as_prepare_does(tmp_path):
+    # [x, y, z, 1, 1] is one 3-D volume (some converters write 5-D headers): predict reads it through
+    # prepare's reader (sources.read_nifti), which squeezes every trailing singleton, not only a 4th.
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    image = np.random.RandomState(3).normal(0, 1, size=(12, 10, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(image[..., None, None], affine), str(tmp_path / "five_d.nii.gz"))
+    assert nib.load(str(tmp_path / "five_d.nii.gz")).shape == (12, 10, 8, 1, 1)
+    result = predict("threshold", tmp_path / "five_d.nii.gz", tmp_path / "seg.nii.gz", network=Threshold(0.0),
+                     spec=threshold_spec(), device="cpu")
+    assert not result["failed"] and result["written"] == [str(tmp_path / "seg.nii.gz")]
+    seg = np.asarray(nib.load(str(tmp_path / "seg.nii.gz")).dataobj)
+    expected = ((image - image.mean(dtype=np.float64)) / image.std(dtype=np.float64)) > 0
+    assert seg.shape == (12, 10, 8) and np.array_equal(seg.astype(bool), expected)
+
+
+def test_header_defects_are_reported_per_case_by_file(tmp_path, capsys):
+    # prepare's header checks (qform != sform) apply to predict too; the case fails by name, the rest run
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    image = np.random.RandomState(4).normal(0, 1, size=(10, 10, 8)).astype(np.float32)
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "in" / "good.nii.gz"))
+    bad = nib.Nifti1Image(image, affine)
+    bad.set_qform(np.diag([-1.5, 1.5, 1.5, 1.0]), code=1)
+    bad.set_sform(affine, code=1)
+    nib.save(bad, str(tmp_path / "in" / "bad.nii.gz"))
+    result = predict("threshold", tmp_path / "in", tmp_path / "out", network=Threshold(0.0), spec=threshold_spec(),
+                     device="cpu")
+    assert result["written"] == [str(tmp_path / "out" / "good.nii.gz")]
+    (msg,) = result["failed"].values()
+    assert list(result["failed"]) == [str(tmp_path / "in" / "bad.nii.gz")]
+    assert msg.startswith(str(tmp_path / "in" / "bad.nii.gz")) and "qform" in msg
+    assert "bad.nii.gz: the header's geometry is ambiguous" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory):
+    from stunet_scale.data.demo import make_demo_store
+    from stunet_scale.data.store import open_store
+
+    return open_store(make_demo_store(tmp_path_factory.mktemp("norm"), cases=1, seed=3, format="zarr"))
+
+
+@pytest.mark.parametrize("mode", ["zscore", "ct"])
+def test_normalisation_equals_the_training_path(demo_store, mode):
+    # Training and validation normalise a stored int16 case with the manifest's statistics
+    # (readers.CaseHandle.norm + augment.normalize_into); predict, given the same array, must produce
+    # the same float32 values bit for bit (same statistics, epsilon, rounding and order of operations).
+    from stunet_scale.data.augment import normalize_into
+    from stunet_scale.data.readers import CaseHandle
+    from stunet_scale.export.spec import manifest_intensity_stats
+    from stunet_scale.predict import normalize
+
+    (cid,) = demo_store.case_ids()
+    handle = CaseHandle(demo_store, cid, mode, 1)
+    stored = demo_store.case(cid).image[...]
+    assert stored.dtype == np.int16
+    trained = torch.empty((1, *stored.shape), dtype=torch.float32)
+    normalize_into(trained, torch.from_numpy(stored[None]), torch.from_numpy(handle.norm))
+    stats = manifest_intensity_stats(demo_store.manifest) if mode == "ct" else None
+    spec = dataclasses.replace(threshold_spec(), normalization=mode, intensity_stats=stats)
+    ours = normalize(stored[None].astype(np.float32), spec)
+    assert ours.dtype == np.float32 and np.array_equal(ours, trained.numpy())
+    if mode == "zscore":  # the training epsilon (std + 1e-8), not max(std, 1e-8)
+        assert abs(float(ours.mean())) < 1e-3 and abs(float(ours.std()) - 1) < 1e-3
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
@@ -193,3 +259,21 @@ def test_ct_normalisation_uses_the_dataset_statistics():
         "mean": 100.0, "std": 50.0, "percentile_00_5": -200.0, "percentile_99_5": 400.0})
     x = np.array([[[[-1000.0, 100.0, 150.0, 2000.0]]]], dtype=np.float32)
     assert np.allclose(normalize(x, spec), [[[[-6.0, 0.0, 1.0, 6.0]]]])
+
+
+@pytest.mark.gpu
+def test_cuda_auto_precision_agrees_with_cpu_fp32(tmp_path, exported):
+    # On CUDA, precision="auto" runs the network under bf16 (fp16 without bf16) autocast; the labels
+    # must match the fp32 CPU reference except where two classes' logits nearly tie (a few voxels).
+    affine = oblique_lps_affine(spacing=(1.5, 1.7, 2.5))
+    image, _ = ellipsoid_phantom((56, 48, 30), affine, (28, 22, 14), (22, 16, 20))
+    image += np.random.RandomState(1).normal(0, 25, size=image.shape).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "ct.nii.gz"))
+    segs = {}
+    for device in ("cpu", "cuda"):
+        predict(exported, tmp_path / "ct.nii.gz", tmp_path / f"{device}.nii.gz", device=device, precision="auto")
+        segs[device] = np.asarray(nib.load(str(tmp_path / f"{device}.nii.gz")).dataobj)
+    assert segs["cpu"].shape == segs["cuda"].shape == image.shape
+    assert len(np.unique(segs["cpu"])) > 1  # a constant map would agree trivially
+    disagree = float((segs["cpu"] != segs["cuda"]).mean())
+    assert disagree < 0.01, disagree

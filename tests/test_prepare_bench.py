@@ -24,5 +24,7 @@ def test_bench_prepare_reports_both_pipelines(tmp_path, capsys):
     assert r["nnunet"]["version"] and r["nnunet"]["preprocess_seconds"] > 0
     # same cases, same 1.5 mm target: nnU-Net's nonzero crop = ours with nnU-Net settings
     assert r["ours_nnunet_settings"]["voxels"] == r["nnunet"]["voxels"]
-    assert r["bytes_per_voxel_ratio"]["default_vs_nnunet"] < 1  # int16 + uint8 vs float32 + int8
+    # the goal is at most half of nnU-Net's bytes; bytes do not depend on machine load
+    # (int16 + uint8 + zstd vs float32 + int8 npz: ~0.24x measured on demo data)
+    assert r["bytes_per_voxel_ratio"]["default_vs_nnunet"] <= 0.5
     assert isinstance(r["goal_met"], bool)

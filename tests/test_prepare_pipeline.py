@@ -359,6 +359,150 @@ def test_class_maps(tmp_path, demo_map, classes, expected, missing):
         assert labels.index("heart_ventricle_left") in e["present_classes"]
 
 
+@pytest.fixture(scope="module")
+def one_case(raw, tmp_path_factory):
+    """s0002 alone (stored LPS: reorientation is exercised), in both layouts."""
+    root = tmp_path_factory.mktemp("one")
+    (root / "ts").mkdir()
+    (root / "ts" / "s0002").symlink_to(raw / "s0002", target_is_directory=True)
+    return root / "ts", _to_nnunet(root / "ts", root / "Dataset002_One", "totalseg-v2")
+
+
+@pytest.mark.parametrize("classes", ["totalseg-v1", "totalseg-v2"])
+def test_nnunet_layout_with_totalseg_class_maps(one_case, tmp_path, classes):
+    # nnU-Net layout + --classes: dataset.json names are mapped onto the chosen map by name; names the
+    # map lacks become background (recorded as ignored), map classes dataset.json lacks are missing.
+    ts, nn = one_case
+    r = prepare_dataset(nn, tmp_path / "nn", classes=classes, format="zarr")
+    ref = prepare_dataset(ts, tmp_path / "ts", classes=classes, format="zarr")
+    assert r["ok"] == ref["ok"] == 1
+    m, mref = _manifest(tmp_path / "nn"), _manifest(tmp_path / "ts")
+    assert m["source"]["layout"] == "nnunet" and m["class_map"]["name"] == classes
+    assert m["class_map"]["labels"] == list(load_class_map(classes).labels)
+    if classes == "totalseg-v2":  # same names, same order as dataset.json: nothing missing or ignored
+        assert m["class_map"]["missing_in_every_case"] == [] and m["class_map"]["ignored_masks"] == []
+    else:
+        assert "heart" in m["class_map"]["ignored_masks"] and "face" in m["class_map"]["missing_in_every_case"]
+    # the converter merged the masks in v2 order, the TotalSegmentator path merges in the map's order,
+    # so compare class by class where no overlap decides (not the vertebrae: v2's spinal_cord, merged
+    # over them by the converter, is not in v1)
+    a, b = open_store(tmp_path / "nn"), open_store(tmp_path / "ts")
+    la, lb = a.case("s0002").label[...], b.case("s0002").label[...]
+    assert m["cases"]["s0002"]["geometry"] == mref["cases"]["s0002"]["geometry"]
+    for name in ("liver", "kidney_left", "spleen", "aorta"):
+        k = a.class_map.index(name)
+        assert np.array_equal(la == k, lb == k) and (la == k).any()
+
+
+def _nnunet_from(one_nn: Path, dst: Path, channels: int, labels: dict[str, int], label=None) -> Path:
+    """A copy of the one-case nnU-Net dataset with ``channels`` image files and ``labels``."""
+    (dst / "imagesTr").mkdir(parents=True)
+    (dst / "labelsTr").mkdir()
+    ct = nib.load(one_nn / "imagesTr" / "s0002_0000.nii.gz")
+    for c in range(channels):  # channel c: the CT shifted by 100 c HU (co-registered, distinguishable)
+        data = np.asanyarray(ct.dataobj).astype(np.int16) + np.int16(100 * c)
+        nib.save(nib.Nifti1Image(data, ct.affine, ct.header), dst / "imagesTr" / f"s0002_{c:04d}.nii.gz")
+    if label is None:
+        shutil.copy(one_nn / "labelsTr" / "s0002.nii.gz", dst / "labelsTr" / "s0002.nii.gz")
+    else:
+        nib.save(nib.Nifti1Image(label, ct.affine, ct.header), dst / "labelsTr" / "s0002.nii.gz")
+    (dst / "dataset.json").write_text(json.dumps({
+        "channel_names": {str(c): "CT" for c in range(channels)}, "labels": labels, "file_ending": ".nii.gz"}))
+    return dst
+
+
+def test_multichannel_nnunet_images(one_case, tmp_path):
+    _, nn = one_case
+    labels = {n: i for i, n in enumerate(load_class_map("totalseg-v2").labels)}
+    src = _nnunet_from(nn, tmp_path / "two", 2, labels)
+    r = prepare_dataset(src, tmp_path / "out", format="both")
+    one = prepare_dataset(nn, tmp_path / "one", format="zarr")
+    assert r["ok"] == one["ok"] == 1 and r["exit_code"] == 0
+    e = _manifest(tmp_path / "out")["cases"]["s0002"]
+    assert e["channels"] == 2 and e["image_shape"] == [2, *e["shape"]] and len(e["intensity_channels"]) == 2
+    store, single = open_store(tmp_path / "out"), open_store(tmp_path / "one")
+    img = store.case("s0002").image[...]
+    ref = single.case("s0002").image[...]
+    assert img.shape == (2, *ref.shape) and img.dtype == np.int16
+    assert np.array_equal(img[0], ref)  # channel 0 is the single-channel result; channel 1 went the same way
+    inside = ref > -900  # the +100 HU shift survives cubic resampling away from clipping at the extremes
+    assert np.abs(img[1][inside].astype(int) - img[0][inside] - 100).max() <= 1
+    assert np.array_equal(store.case("s0002").label[...], single.case("s0002").label[...])
+    (wds_case,) = iter_wds_cases(store.wds_shard_paths(), store.manifest)
+    assert np.array_equal(wds_case.image, img)
+
+
+def test_more_than_255_classes_store_uint16_labels(one_case, tmp_path):
+    _, nn = one_case
+    ct = nib.load(nn / "imagesTr" / "s0002_0000.nii.gz")
+    lab = np.zeros(ct.shape, np.uint16)
+    n = min(ct.shape)
+    for k, v in enumerate((1, 255, 256, 299)):  # cubes inside the body crop, values beyond uint8
+        lo = n // 4 + k * (n // 10)
+        lab[lo:lo + n // 12, n // 3:n // 3 + n // 12, n // 3:n // 3 + n // 12] = v
+    labels = {"background": 0, **{f"class_{i}": i for i in range(1, 300)}}
+    src = _nnunet_from(nn, tmp_path / "u16", 1, labels, lab)
+    r = prepare_dataset(src, tmp_path / "out", format="both", label_interpolation="nearest")
+    assert r["ok"] == 1 and r["exit_code"] == 0
+    e = _manifest(tmp_path / "out")["cases"]["s0002"]
+    assert e["label_dtype"] == "uint16" and len(e["class_voxels"]) == 300
+    assert e["present_classes"] == [1, 255, 256, 299]
+    store = open_store(tmp_path / "out")
+    stored = store.case("s0002").label[...]
+    assert stored.dtype == np.uint16 and set(np.unique(stored).tolist()) == {0, 1, 255, 256, 299}
+    assert len(store.case("s0002").fg_rows(299)) > 0
+    (wds_case,) = iter_wds_cases(store.wds_shard_paths(), store.manifest)
+    assert wds_case.label.dtype == np.uint16 and np.array_equal(wds_case.label, stored)
+
+
+def test_wds_format_alone(one_case, prepared, tmp_path):
+    ts, _ = one_case
+    r = prepare_dataset(ts, tmp_path / "out", classes="stunet", format="wds")
+    assert r["ok"] == 1 and r["exit_code"] == 0
+    m = _manifest(tmp_path / "out")
+    assert m["storage"]["zarr"] is None and list((tmp_path / "out" / "wds").glob("shard-*.tar"))
+    assert not list((tmp_path / "out").glob("store.zarr/*"))  # no case written to Zarr
+    (case,) = iter_wds_cases([tmp_path / "out" / s["path"] for s in m["wds_shards"]], m)
+    full = open_store(prepared).case("s0002")  # the same case prepared with format=both
+    assert case.case_id == "s0002" and case.meta["checksums"] == full.meta["checksums"]
+    assert np.array_equal(case.image, full.image[...]) and np.array_equal(case.label, full.label[...])
+
+
+@pytest.mark.parametrize("which,layout,ok", [
+    ("ts", "totalseg", True), ("nn", "nnunet", True), ("nn", "totalseg", False), ("ts", "nnunet", False)])
+def test_explicit_layout(one_case, tmp_path, which, layout, ok):
+    from stunet_scale.cli import main
+
+    src = dict(zip(("ts", "nn"), one_case))[which]
+    rc = main(["prepare", str(src), str(tmp_path / "out"), "--layout", layout, "--format", "zarr", "--spacing", "3"])
+    if ok:
+        assert rc == 0 and _manifest(tmp_path / "out")["source"]["layout"] == layout
+    else:  # the wrong layout forced: a usage error that names what was expected, nothing written
+        assert rc == 2 and not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_resume_by_content_hash(raw, tmp_path):
+    # A touched file (new mtime, same bytes) is not new work; changed content is redone.
+    src = tmp_path / "raw"
+    shutil.copytree(raw / "s0001", src / "s0001")
+    kw = dict(classes="stunet", format="zarr", spacing=3.0)
+    assert prepare_dataset(src, tmp_path / "out", **kw)["prepared"] == 1
+    before = (tmp_path / "out" / "manifest.json").read_bytes()
+    liver = src / "s0001" / "segmentations" / "liver.nii.gz"
+    st = liver.stat()
+    os.utime(liver, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    r = prepare_dataset(src, tmp_path / "out", **kw)
+    assert r["skipped"] == 1 and r["prepared"] == 0
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == before
+    img = nib.load(liver)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine, img.header), liver)  # liver removed
+    r = prepare_dataset(src, tmp_path / "out", **kw)
+    assert r["skipped"] == 0 and r["prepared"] == 1
+    m = _manifest(tmp_path / "out")
+    k = m["class_map"]["labels"].index("liver")
+    assert m["cases"]["s0001"]["class_voxels"][k] == 0 and json.loads(before)["cases"]["s0001"]["class_voxels"][k] > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # geometry: class volumes survive resampling
 # ------------------------------------------------------------------------------------------------
@@ -397,7 +541,11 @@ def test_class_volumes_preserved_in_ml(raw, tmp_path, prepared, label_interp):
         for k in range(1, len(labels)):
             if ref[k] >= 5:  # smaller structures are a few raw voxels: no percent-level claim
                 err = (got[k] - ref[k]) / ref[k]
-                assert abs(err) < (0.06 if ref[k] >= 20 else 0.12), (cid, labels[k], got[k], ref[k])
+                # "within a few percent" holds from 20 ml (measured max 4.7 % nearest, 3.2 % linear);
+                # 5-20 ml thin structures (the phantom aorta: a ~1 cm tube) lose or gain a partial
+                # 1.5 mm voxel shell: measured max 11.6 % nearest, 6.2 % linear (README, Preprocessing)
+                tol = 0.05 if ref[k] >= 20 else (0.12 if label_interp == "nearest" else 0.07)
+                assert abs(err) < tol, (cid, labels[k], got[k], ref[k])
                 errors.append(err)
         assert abs(got[1:].sum() - ref[1:].sum()) / ref[1:].sum() < 0.015  # all foreground together
     assert len(errors) >= 60 and np.mean(np.abs(errors)) < 0.03 and abs(np.mean(errors)) < 0.01  # no bias

@@ -180,6 +180,23 @@ def test_meta_csv_lists_a_case_without_folder(tmp_path):
     assert r["exit_code"] == 0
 
 
+@pytest.mark.parametrize("bad", ["validation", "Train", "tset"])
+def test_meta_csv_split_typo_stops_the_run(tmp_path, bad):
+    # A split outside train/val/test would silently become a new split (and the case would be missing
+    # from the one it was meant for): meta.csv is dataset-level, so the run stops before any case.
+    from stunet_scale.cli import main
+    from stunet_scale.data.sources import DatasetError
+
+    root = _totalseg_dataset(tmp_path / "raw", {})
+    (root / "meta.csv").write_bytes(f"\ufeffimage_id;split\ng1;train\ng2;{bad}\ng3;test\n".encode())
+    with pytest.raises(DatasetError) as e:
+        prepare_dataset(root, tmp_path / "out", classes="totalseg-v2", spacing=2.0, format="zarr")
+    msg = str(e.value)
+    assert "meta.csv line 3" in msg and "'g2'" in msg and repr(bad) in msg and "train, val, test" in msg
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert main(["prepare", str(root), str(tmp_path / "out2"), "--classes", "totalseg-v2"]) == 2
+
+
 def _nnunet_dataset(root: Path, bad_label: np.ndarray | None) -> Path:
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -158,6 +159,51 @@ def test_damaged_chunks_raise_naming_case_and_chunk(prepared_demo, tmp_path):
         CaseHandle(store, cid, "zscore", 1)
 
 
+def test_a_box_read_touches_only_the_chunks_under_it_and_opens_its_shard_once(store, monkeypatch):
+    from stunet_scale.data import readers as R
+
+    cid = store.case_ids(["train"])[0]
+    reader = ShardReader(store.root / "store.zarr" / cid / "image", cid, "image")
+    group = zarr.open_group(str(store.root / "store.zarr" / cid), mode="r")
+    c = reader.chunk
+    assert all(n > ch for n, ch in zip(reader.shape, c))  # at least two chunks per axis
+    reads, opens = [], []
+    real_preadv, real_open = R.os.preadv, R.os.open
+    monkeypatch.setattr(R.os, "preadv", lambda fd, bufs, off: (reads.append(off), real_preadv(fd, bufs, off))[1])
+    monkeypatch.setattr(R.os, "open", lambda *a, **k: (opens.append(a[0]), real_open(*a, **k))[1])
+    fd, size = reader._open((0, 0, 0))
+    index = reader._index((0, 0, 0), fd, size)
+    opens.clear()
+    for lo, hi, chunks in (
+        ((1, 2, 3), (9, 10, 11), [(0, 0, 0)]),  # inside one chunk
+        ((c[0] - 2, 5, 5), (c[0] + 2, 9, 9), [(0, 0, 0), (1, 0, 0)]),  # straddles one boundary
+        ([x - 1 for x in c], [x + 1 for x in c], list(np.ndindex(2, 2, 2))),  # the corner of eight
+    ):
+        reads.clear()
+        out = np.empty([b - a for a, b in zip(lo, hi)], reader.dtype)
+        reader.read(lo, hi, out)
+        np.testing.assert_array_equal(out, group["image"][tuple(slice(a, b) for a, b in zip(lo, hi))])
+        assert sorted(reads) == sorted(int(index[ch][0]) for ch in chunks), (lo, hi)
+    assert opens == []  # the shard stays open between reads: no open/fstat per box
+    reader.close()
+    assert reader._fds == {}
+
+
+def test_webdataset_sample_whose_meta_names_another_case_is_rejected(store):
+    from stunet_scale.data.store import decode_wds_sample, iter_wds_groups, wds_key
+
+    shard = store.manifest["wds_shards"][0]
+    path = store.root / shard["path"]
+    groups = list(iter_wds_groups(path, [wds_key(c) for c in shard["cases"]]))
+    assert decode_wds_sample(groups[0], store.manifest).case_id == shard["cases"][0]
+    other = next(g for g in (c for s in store.manifest["wds_shards"] for c in s["cases"]) if g != shard["cases"][0])
+    spliced = dict(groups[0])
+    spliced["meta.json"] = json.dumps({**json.loads(groups[0]["meta.json"]), "id": other}).encode()
+    for manifest in (None, store.manifest):
+        with pytest.raises(StoreIntegrityError, match=rf"shard {path}: sample '{groups[0]['__key__']}'.*names case '{other}'"):
+            decode_wds_sample(spliced, manifest)
+
+
 def test_webdataset_consumers_always_get_shards_and_streams_are_deterministic():
     for n_shards, consumers in ((1, 4), (3, 8), (10, 4), (8, 8)):
         lists = [consumer_shards(n_shards, 0, 0, c, consumers) for c in range(consumers)]
@@ -180,8 +226,6 @@ def test_webdataset_case_equals_the_zarr_case(store):
 
 
 def test_labels_use_the_fast_codec_and_stores_with_bitshuffled_labels_still_read(store, tmp_path, monkeypatch):
-    import json
-
     from stunet_scale.data import store as st
 
     # the manifest records each array's codec; the label array is written with it

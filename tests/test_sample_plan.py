@@ -169,3 +169,8 @@ def test_fingerprint_tracks_cases_and_settings():
     assert _plan().fingerprint == _plan().fingerprint
     assert _plan().fingerprint != _plan(seed=1).fingerprint
     assert _plan().fingerprint != _plan(cases=[_case("a"), _case("b")]).fingerprint
+    # same labels and counts, rows stored elsewhere: forced samples would read other voxels
+    moved = _case("a")
+    moved.fg_starts[:] += 1
+    base = [_case("b", labels=(2,), counts=(7,)), _case("c", labels=(), counts=())]
+    assert _plan(cases=[_case("a"), *base]).fingerprint != _plan(cases=[moved, *base]).fingerprint

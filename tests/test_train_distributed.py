@@ -285,3 +285,79 @@ def test_accelerate_launch_with_the_shipped_deepspeed_config(prepared_demo, tmp_
     assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 160_000_000  # from the shipped JSON
     assert ds["gradient_clipping"] == 12.0 and ds["train_batch_size"] == 4  # from the run config
     assert (d / "checkpoints" / "step_000000002" / "COMMITTED").is_file()
+
+
+LOAD_PARAMS_WORKER = r'''
+"""Backend.load_params on 2 ranks: what the model computes and what ZeRO steps on both hold the loaded values."""
+import json, sys
+from pathlib import Path
+
+import torch
+
+from stunet_scale.config import load_config
+from stunet_scale.models import build_stunet
+from stunet_scale.parallel.backend import build_backend
+from stunet_scale.parallel.distributed import init_distributed
+
+out, stage, ds_json = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+cfg = load_config(None, [
+    "model.size=null", "model.base_width=4", "model.blocks_per_stage=1", "model.num_classes=3",
+    "model.width_multipliers=[1,2,4]", "model.pool_strides=[[2,2,2],[2,2,2]]",
+    "model.kernel_sizes=[[3,3,3],[3,3,3],[3,3,3]]", "loss.deep_supervision_weights=[0.67,0.33]",
+    "data.patch_size=[16,16,16]", "distributed.backend=deepspeed", f"distributed.zero_stage={stage}",
+    f"distributed.deepspeed_config={ds_json}", "schedule.global_batch=4", "schedule.micro_batch=2",
+    "distributed.precision=fp32", "validation.enabled=false", "tracking.enabled=false", f"run_dir={out}"])
+env = init_distributed(120, need_group=True)
+torch.manual_seed(1)
+reference = build_stunet(cfg.model).eval()  # the "checkpoint": other weights than the live model's
+saved = {n: p.detach().clone() for n, p in reference.named_parameters()}
+torch.manual_seed(0)
+backend = build_backend(build_stunet(cfg.model), cfg, env, 1)
+x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+
+
+def max_diffs():
+    backend.eval()
+    got = backend.eval_forward(x)[0].float()
+    backend.train()
+    with torch.no_grad():
+        want = reference(x)[0].float()
+    master = {n: p for n, p, _ in backend.iter_full_state(set(saved))}  # ZeRO: its fp32 master copy
+    return {"forward": float((got - want).abs().max()),
+            "master": max(float((master[n] - saved[n]).abs().max()) for n in saved)}
+
+
+before = max_diffs()
+backend.load_params(saved.__getitem__)
+loaded = max_diffs()
+backend.set_lr(0.0)  # a real step that moves nothing: ZeRO then copies its master back into the model
+outs = backend.forward(x)
+backend.backward(sum(o.float().square().mean() for o in outs))
+backend.step()
+stepped = max_diffs()
+(out / f"rank{env.rank}.json").write_text(json.dumps({"before": before, "loaded": loaded, "stepped": stepped}))
+'''
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_load_params_writes_zero_master_and_shards(tmp_path, stage):
+    """A rollback/resume from a portable checkpoint under ZeRO: loaded weights survive the next step.
+
+    Writing only the model parameters is undone by ZeRO-1/2's next step (it copies its fp32 master
+    back) and fails under ZeRO-3 (parameters are partitioned). A low persistence threshold makes
+    ZeRO-3 partition most tensors (the default keeps a model this small resident).
+    """
+    worker = tmp_path / "load_params_worker.py"
+    worker.write_text(LOAD_PARAMS_WORKER)
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 100}}))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(tmp_path), str(stage), str(ds_json)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert res["before"]["forward"] > 1e-3 and res["before"]["master"] > 1e-3  # the load has something to do
+        for when in ("loaded", "stepped"):
+            assert res[when]["forward"] < 1e-5 and res[when]["master"] == 0.0, (when, res)

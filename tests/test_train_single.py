@@ -89,6 +89,50 @@ def test_mlflow_sqlite_default_and_resumed_run_continues(tmp_path):
     assert r.info.status == "FINISHED" and r.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
 
 
+def _mlflow_run(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("stunet-debug").experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_signal_at_the_last_step_finishes_the_run(tmp_path, monkeypatch):
+    """Preempted during the final step: the final checkpoint is saved and the run finishes (exit 0).
+
+    A requeue would find nothing left to train; the final validation and closing the MLflow run
+    must not be left to it.
+    """
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("STUNET_FAULTS", json.dumps({"signal": {"rank": 0, "step": 2, "name": "SIGUSR1"}}))
+    assert run(tmp_path, "schedule.max_steps=3", "validation.enabled=true", "tracking.enabled=true") == EXIT_OK
+    assert [r["step"] for r in train_records(tmp_path)] == [1, 2, 3]
+    assert [r["step"] for r in _records(tmp_path, "val")] == [3]
+    assert not _records(tmp_path, "preempted") and not (tmp_path / "REQUEUE").exists()
+    assert (tmp_path / "checkpoints" / "step_000000003" / "COMMITTED").is_file()
+    _, r = _mlflow_run(tmp_path)
+    assert r.info.status == "FINISHED"
+
+
+def test_rerun_of_a_run_at_its_last_step_completes_validation_and_tracking(tmp_path):
+    """A run whose last checkpoint exists but whose ending did not run (killed in its final
+    validation, or preempted at its last step by an older version) is completed by a rerun: no
+    training, the missing final validation once, the MLflow run closed."""
+    pytest.importorskip("mlflow")
+    assert run(tmp_path, "schedule.max_steps=3", "tracking.enabled=true") == EXIT_OK  # validation off
+    client, r = _mlflow_run(tmp_path)
+    client.update_run(r.info.run_id, status="RUNNING")  # as a job killed before _finish leaves it
+    for _ in range(2):  # the second rerun finds the validation done and adds nothing
+        assert run(tmp_path, "schedule.max_steps=3", "validation.enabled=true", "tracking.enabled=true") == EXIT_OK
+        assert [r["step"] for r in train_records(tmp_path)] == [1, 2, 3]
+        assert [r["step"] for r in _records(tmp_path, "val")] == [3]
+        assert _mlflow_run(tmp_path)[1].info.status == "FINISHED"
+
+
 def test_unreachable_tracking_server_warns_and_training_continues(tmp_path, caplog):
     import socket
 

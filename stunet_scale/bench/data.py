@@ -7,7 +7,9 @@ On the same planned 128^3 samples of the same prepared cases it measures:
     padding, and handing the raw batch over in shared memory: views of one of the worker's
     recycled slabs (``data/shared_slabs.py``), measured in the steady state where the main process
     releases each slab after augmenting it, as ``TrainStream`` does. The Gaussian noise field is
-    generated where the batch is augmented (here: on the GPU), so it is not part of (a);
+    generated where the batch is augmented (here: on the GPU), so it is not part of (a). Nor is
+    the main process's CPU work per batch on a GPU host: unpickling the batch's small fields, the
+    DataLoader's pinned-memory copy and the host side of ``augment_batch``; (a) ends at the hand-over;
 (b) ``cpu_full_aug``: what a worker does with ``augmentation.device=cpu``: the same reads into
     private memory, our whole augmentation on the CPU (noise field included), and the finished
     batch born in fresh shared memory for the hand-over;

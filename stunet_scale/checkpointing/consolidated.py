@@ -75,9 +75,12 @@ def load_consolidated(path: str | Path) -> ConsolidatedCheckpoint:
     ``TrainConfig`` as a dict), ``step``, ``samples_seen`` and ``meta`` (checkpoint path, backend,
     world size, MLflow run id, git revision, run name).
 
-    Raises ``CheckpointError`` naming the directory when nothing valid is found, and for a
-    DeepSpeed checkpoint written with ``checkpoint.portable_copy=false`` (convert it with
-    DeepSpeed's ``zero_to_fp32.py`` instead).
+    A DeepSpeed checkpoint written with ``checkpoint.portable_copy=false`` (or by any ZeRO 1-3 run
+    without our portable copy) is consolidated by DeepSpeed's own ``zero_to_fp32`` from its native
+    shards, on CPU; that path holds the ranks' flat fp32 partitions while it rebuilds the tensors.
+
+    Raises ``CheckpointError`` naming the directory when nothing valid is found or a checkpoint
+    holds no weights this function can read.
     """
     ckpt = find_checkpoint(path)
     state = TrainerState.from_file(ckpt / STATE_FILE)
@@ -87,13 +90,20 @@ def load_consolidated(path: str | Path) -> ConsolidatedCheckpoint:
     elif state.backend == "fsdp2" and (ckpt / "native" / ".metadata").is_file():
         reader = DCPReader(ckpt / "native")
         source = "dcp"
+    elif state.backend == "deepspeed" and (ckpt / "native").is_dir():
+        reader = None
+        raw = _deepspeed_fp32(ckpt / "native", ckpt)
+        source = "zero_to_fp32"
     else:
         raise CheckpointError(
-            f"{ckpt}: no portable/ copy of the weights (written with checkpoint.portable_copy=false). "
-            f"Consolidate with: python {ckpt / 'native' / 'zero_to_fp32.py'} {ckpt / 'native'} OUT_DIR"
+            f"{ckpt}: neither a portable/ copy of the weights nor native shards this tool can consolidate "
+            f"(backend {state.backend!r})"
         )
-    state_dict = {clean_key(k): v.float().contiguous() for k, v in reader.state_dict().items()}
-    reader.close()
+    if reader is not None:
+        raw = reader.state_dict()
+        reader.close()
+    state_dict = {clean_key(k): v.float().contiguous() for k, v in raw.items()}
+    del raw
     config = yaml.safe_load((ckpt / CONFIG_FILE).read_text()) if (ckpt / CONFIG_FILE).is_file() else {}
     meta = {
         "path": str(ckpt),
@@ -108,3 +118,31 @@ def load_consolidated(path: str | Path) -> ConsolidatedCheckpoint:
         "skipped_nonfinite": state.skipped_nonfinite,
     }
     return ConsolidatedCheckpoint(state_dict, config, state.step, state.samples_seen, meta)
+
+
+def _deepspeed_fp32(native: Path, ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from DeepSpeed's native ZeRO shards via its ``zero_to_fp32`` (any stage, world size).
+
+    DeepSpeed picks its accelerator when imported; the conversion itself only ``torch.load``s to CPU,
+    so it runs the same with ``DS_ACCELERATOR=cpu`` on a machine without a GPU.
+    """
+    import inspect
+
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as e:
+        raise CheckpointError(f"{ckpt}: a DeepSpeed checkpoint without a portable/ copy needs deepspeed ({e})") from None
+    # The trainer saves under a fixed tag (parallel/deepspeed_engine.py) and writes no "latest" file;
+    # a checkpoint saved by plain DeepSpeed has one, which tag=None reads.
+    tags = [d.name for d in native.iterdir() if d.is_dir() and any(d.glob("*model_states.pt"))]
+    tag = "native" if "native" in tags else (tags[0] if len(tags) == 1 else None)
+    kwargs = {}
+    if "lazy_mode" in inspect.signature(get_fp32_state_dict_from_zero_checkpoint).parameters:
+        kwargs["lazy_mode"] = True  # tensors materialise one by one below instead of all at once
+    try:
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(native), tag=tag, **kwargs)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError, AssertionError) as e:
+        raise CheckpointError(f"{ckpt}: DeepSpeed's zero_to_fp32 could not consolidate {native} "
+                              f"({type(e).__name__}: {e})") from None
+    # lazy entries become real CPU tensors on .contiguous(); real tensors are returned as they are
+    return {k: v.contiguous() for k, v in sd.items()}

@@ -41,6 +41,41 @@ def assign_owners(sizes: Iterable[tuple[str, int]], world_size: int) -> dict[str
     return owner
 
 
+def owned_names(backend, env) -> tuple[list[tuple[str, int]], set[str]]:
+    """(name, numel) of every parameter in model order, and the names this rank owns."""
+    sizes = [(n, p.ds_numel if hasattr(p, "ds_numel") else p.numel()) for n, p in backend.module.named_parameters()]
+    owner = assign_owners(sizes, env.world_size)
+    return sizes, {n for n, r in owner.items() if r == env.rank}
+
+
+class NormSums:
+    """Sums of squares of parameters and momentum over the tensors one rank owns; ``reduce`` makes them global.
+
+    The same numbers a checkpoint records and a resume logs, so the two can be compared.
+    """
+
+    def __init__(self):
+        self.sums = [0.0, 0.0]
+
+    def add(self, param: torch.Tensor, mom: torch.Tensor | None) -> None:
+        self.sums[0] += float(param.double().pow(2).sum())
+        if mom is not None:
+            self.sums[1] += float(mom.double().pow(2).sum())
+
+    def reduce(self, env) -> dict:
+        total = env.all_reduce(self.sums, "sum")
+        return {"param_sq": total[0], "momentum_sq": total[1]}
+
+
+def state_norms(backend, env) -> dict:
+    """Collective: global {"param_sq", "momentum_sq"} of the live model (resume/skip diagnostics)."""
+    _, mine = owned_names(backend, env)
+    norms = NormSums()
+    for _, param, mom in backend.iter_full_state(mine):
+        norms.add(param, mom)
+    return norms.reduce(env)
+
+
 def write_portable(backend, directory: Path, env) -> dict:
     """Collective: every rank writes the tensors it owns; rank 0 writes the index.
 
@@ -51,13 +86,11 @@ def write_portable(backend, directory: Path, env) -> dict:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shapes_sizes = [(n, p.ds_numel if hasattr(p, "ds_numel") else p.numel()) for n, p in backend.module.named_parameters()]
-    owner = assign_owners(shapes_sizes, env.world_size)
-    mine = {n for n, r in owner.items() if r == env.rank}
+    shapes_sizes, mine = owned_names(backend, env)
     part, part_bytes, part_no = {}, 0, 0
     files: dict[str, dict[str, str]] = {"params": {}, "momentum": {}}
     shapes: dict[str, list[int]] = {}
-    sums = [0.0, 0.0]
+    norms = NormSums()
 
     def flush():
         nonlocal part, part_bytes, part_no
@@ -72,17 +105,16 @@ def write_portable(backend, directory: Path, env) -> dict:
     for name, param, mom in backend.iter_full_state(mine):
         shapes[name] = list(param.shape)
         part[PARAM + name] = param.contiguous()
-        sums[0] += float(param.double().pow(2).sum())
+        norms.add(param, mom)
         part_bytes += param.numel() * 4
         if mom is not None:
             part[MOMENTUM + name] = mom.contiguous()
-            sums[1] += float(mom.double().pow(2).sum())
             part_bytes += mom.numel() * 4
         if part_bytes >= PART_BYTES:
             flush()
     flush()
     gathered = env.all_gather_object({"files": files, "shapes": shapes})
-    sums = env.all_reduce(sums, "sum")
+    result = norms.reduce(env)
     if env.is_main:
         index = {"format": FORMAT, "params": {}, "momentum": {}, "shapes": {}}
         for g in gathered:
@@ -95,7 +127,7 @@ def write_portable(backend, directory: Path, env) -> dict:
         if missing:
             raise RuntimeError(f"portable checkpoint is missing parameters {missing[:5]}...")
         (directory / INDEX).write_text(json.dumps(index, indent=1))
-    return {"param_sq": sums[0], "momentum_sq": sums[1]}
+    return result
 
 
 class PortableReader:

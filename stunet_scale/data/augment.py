@@ -10,7 +10,11 @@ the same sample comes out the same in a DataLoader worker on the CPU and on the 
 float rounding), at any ``num_workers`` and after a resume.
 
 The list, probabilities and ranges are nnU-Net v2's ``nnUNetTrainer.get_training_transforms``
-(batchgeneratorsv2 0.3.6), which is also what STU-Net inherited from nnU-Net v1:
+(batchgeneratorsv2 0.3.6). STU-Net trained with nnU-Net v1 (``get_moreDA_augmentation``), which has
+the same list and probabilities but not all the same draws: v1 drew the scale factor 50/50 from
+U(0.7, 1) or U(1, 1.4) (v2, and this module, draw U(0.7, 1.4) uniformly: more zoom-outs), and
+brightness/contrast from U(0.75, 1.25) (``../shared/docs/stunet_recipe.md`` §2). So this is
+nnU-Net v2's recipe, not a bit-for-bit reproduction of STU-Net's:
 
 | # | transform                           | parameters                                             | p      |
 |---|-------------------------------------|--------------------------------------------------------|--------|
@@ -70,19 +74,23 @@ _SLOTS_CHANNEL = 16
 # --------------------------------------------------------------------------------------------
 
 
-def _rotate_x(c, a):
-    m = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
-    return m @ c
+def _rot_x(a: float) -> np.ndarray:
+    return np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
 
 
-def _rotate_y(c, a):
-    m = np.array([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
-    return m @ c
+def _rot_y(a: float) -> np.ndarray:
+    return np.array([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
 
 
-def _rotate_z(c, a):
-    m = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
-    return m @ c
+def _rot_z(a: float) -> np.ndarray:
+    return np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+
+
+def corner_points(patch: Sequence[int]) -> np.ndarray:
+    """The eight corner voxels of an output patch, float64 [8, 3] (0 or P - 1 per axis): an affine
+    grid's footprint is bounded by where they land."""
+    p1 = np.asarray(patch, dtype=np.float64) - 1
+    return np.array([[i, j, k] for i in (0, p1[0]) for j in (0, p1[1]) for k in (0, p1[2])])
 
 
 def initial_patch_size(
@@ -100,9 +108,9 @@ def initial_patch_size(
     shape = coords.copy()
     if rotation_enabled and rotation_max_deg > 0:
         a = min(math.radians(abs(rotation_max_deg)), math.pi / 2)
-        for rot in (_rotate_x, _rotate_y, _rotate_z):
+        for rot in (_rot_x, _rot_y, _rot_z):
             # batchgenerators' rotate_coords_3d multiplies the row vector by R, i.e. rotates by -a
-            shape = np.maximum(np.abs(rot(coords, -a)), shape)
+            shape = np.maximum(np.abs(rot(-a) @ coords), shape)
     shape /= min(scale_range)
     return [int(s) for s in shape.astype(int)]
 
@@ -114,10 +122,7 @@ def rotation_scale_matrix(angles: Sequence[float], scale: float) -> np.ndarray:
     larger region, i.e. zooms out.
     """
     ax, ay, az = (float(a) for a in angles)
-    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
-    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
-    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx @ np.diag([float(scale)] * 3)
+    return _rot_z(az) @ _rot_y(ay) @ _rot_x(ax) @ np.diag([float(scale)] * 3)
 
 
 def voxel_affine(params: dict, patch: Sequence[int], initial: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -156,16 +161,22 @@ def spatial_read_box(params: dict, patch: Sequence[int], initial: Sequence[int])
     The eight corners of the output patch bound the (affine) grid; +-1 voxel covers the trilinear
     neighbours and float rounding. The reader fetches only this box (and the chunks under it).
     """
+    lo, hi, _ = spatial_box_and_affine(params, patch, initial)
+    return lo, hi
+
+
+def spatial_box_and_affine(params: dict, patch: Sequence[int], initial: Sequence[int]
+                           ) -> tuple[list[int], list[int], np.ndarray]:
+    """``spatial_read_box`` plus the voxel affine it was computed from, [3, 4] float64 (M | v), so a
+    reader that needs both (box to read, affine to ship) builds the affine once."""
     m, v = voxel_affine(params, patch, initial)
-    p = np.asarray(patch, dtype=np.float64) - 1
-    corners = np.array([[i, j, k] for i in (0, p[0]) for j in (0, p[1]) for k in (0, p[2])])
-    pts = corners @ m.T + v
+    pts = corner_points(patch) @ m.T + v
     lo = np.floor(pts.min(0)).astype(int) - 1
     hi = np.floor(pts.max(0)).astype(int) + 3
     s = np.asarray(initial)
     lo = np.clip(lo, 0, s)
     hi = np.clip(hi, 0, s)
-    return lo.tolist(), hi.tolist()
+    return lo.tolist(), hi.tolist(), np.concatenate([m, v[:, None]], 1)
 
 
 def deep_supervision_strides(pool_strides: Sequence[Sequence[int]], deep_supervision: bool) -> list[tuple[int, ...]]:
@@ -358,10 +369,14 @@ def allocate_raw(spatial: Sequence[bool], noisy: Sequence[bool], channels: int, 
     }
 
 
-def set_spatial_affine(raw: dict, j: int, params: dict, patch: Sequence[int], initial: Sequence[int]) -> None:
-    """Slot ``j``'s voxel affine (output patch -> initial patch, mirroring included), float64."""
-    m, v = voxel_affine(params, patch, initial)
-    raw["spatial_affine"][j] = np.concatenate([m, v[:, None]], 1)
+def set_spatial_affine(raw: dict, j: int, params: dict, patch: Sequence[int], initial: Sequence[int],
+                       affine: np.ndarray | None = None) -> None:
+    """Slot ``j``'s voxel affine (output patch -> initial patch, mirroring included), float64.
+    ``affine``: the [3, 4] one ``spatial_box_and_affine`` already computed for these parameters."""
+    if affine is None:
+        m, v = voxel_affine(params, patch, initial)
+        affine = np.concatenate([m, v[:, None]], 1)
+    raw["spatial_affine"][j] = affine
 
 
 def host_array(a) -> np.ndarray:
@@ -391,7 +406,8 @@ def raw_from_initial_patches(images: Sequence[np.ndarray], labels: Sequence[np.n
     m = len(images)
     noise = list(noise_keys) if noise_keys is not None else [None] * m
     channels = images[0].shape[0]
-    boxes = [spatial_read_box(p, patch, initial) for p in params if p["spatial"]]
+    placed = [spatial_box_and_affine(p, patch, initial) for p in params if p["spatial"]]
+    boxes = [(lo, hi) for lo, hi, _ in placed]
     raw = allocate_raw([bool(p["spatial"]) for p in params], [n is not None for n in noise], channels, patch,
                        boxes, torch.from_numpy(np.asarray(labels[0][:0])).dtype,
                        torch.from_numpy(np.asarray(images[0][:0])).dtype)
@@ -404,7 +420,7 @@ def raw_from_initial_patches(images: Sequence[np.ndarray], labels: Sequence[np.n
             box = tuple(slice(lo, hi) for lo, hi in zip(*boxes[js]))
             raw["spatial_image"][js].numpy()[...] = images[b][(slice(None), *box)]
             raw["spatial_label"][js][0].numpy()[...] = labels[b][box]
-            set_spatial_affine(raw, js, params[b], patch, initial)
+            set_spatial_affine(raw, js, params[b], patch, initial, placed[js][2])
             js += 1
         else:
             mir = params[b]["mirror"]
@@ -695,9 +711,7 @@ def _spatial_sample_cpu(image: torch.Tensor, label: torch.Tensor, box_image: tor
     out = F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     image.copy_(out[0])
     if label_interpolation == "nearest":
-        p1 = np.asarray(patch, np.float64) - 1
-        corners = np.array([[i, j, k] for i in (0, p1[0]) for j in (0, p1[1]) for k in (0, p1[2])])
-        pts = corners @ mat.T + v
+        pts = corner_points(patch) @ mat.T + v
         inside = bool(pts.min() >= 0.01 and np.all(pts.max(0) <= np.asarray(size) - 1.01))
         vox = np.concatenate([mat, (v + 0.5)[:, None]], 1).astype(np.float32)  # +0.5: truncation rounds
         vox = _planes(torch.from_numpy(vox)[None], patch, normalized=False, reverse=False, out=planes)
@@ -778,8 +792,7 @@ def augment_batch(
         # padding), so the rest of the buffer need not be initialised.
         x = torch.empty((len(spatial_pos), channels, *initial), dtype=torch.float32, device=dev)
         thetas, voxels, inside = [], [], []
-        p1 = np.asarray(patch, np.float64) - 1
-        corners = np.array([[i, j, k] for i in (0, p1[0]) for j in (0, p1[1]) for k in (0, p1[2])])
+        corners = corner_points(patch)
         for j, b in enumerate(spatial_pos):
             lo, hi = boxes[j]
             sl = tuple(slice(int(a), int(c)) for a, c in zip(lo, hi))

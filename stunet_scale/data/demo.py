@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -138,13 +139,37 @@ def _nifti_bytes(data: np.ndarray, affine: np.ndarray, qform_code: int) -> bytes
     return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
 
 
-def write_demo_dataset(out: str | Path, cases: int = 8, seed: int = 0, classes: str = "totalseg-v2") -> Path:
+def parse_shape_range(text: str) -> list[tuple[int, int]]:
+    """``"260-300,210-250,240-300"`` (or ``"128,128,128"``) -> [(260, 300), (210, 250), (240, 300)]."""
+    axes = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"shape must be three comma-separated sizes or LO-HI ranges, got {text!r}") from None
+        if not 8 <= a <= b:
+            raise ValueError(f"shape range {part!r}: need 8 <= LO <= HI")
+        axes.append((a, b))
+    if len(axes) != 3:
+        raise ValueError(f"shape needs three axes (x,y,z), got {text!r}")
+    return axes
+
+
+def write_demo_dataset(out: str | Path, cases: int = 8, seed: int = 0, classes: str = "totalseg-v2",
+                       shape: Sequence[tuple[int, int]] | None = None, spacing: float = 1.5) -> Path:
     """Write ``cases`` phantom CTs in the TotalSegmentator layout under ``out``; returns ``out``.
 
     ``classes`` is ``totalseg-v2`` (117 mask files per case, v2 names) or ``totalseg-v1`` (104).
+    ``shape``: per-axis (lo, hi) voxel counts, each case's size drawn uniformly in them, at
+    isotropic ``spacing`` mm (benchmark-sized volumes, e.g. ``parse_shape_range("260-300,210-250,
+    240-300")``). Default: the small mixed-spacing cases (~80-97 voxels in-plane) the tests use,
+    unchanged byte for byte.
     """
     if classes not in ("totalseg-v1", "totalseg-v2"):
         raise ValueError(f"classes must be totalseg-v1 or totalseg-v2, got {classes!r}")
+    if shape is not None and (len(shape) != 3 or not spacing > 0):
+        raise ValueError(f"shape needs three (lo, hi) ranges and spacing > 0, got {shape!r}, {spacing!r}")
     version = "v2" if classes.endswith("v2") else "v1"
     cmap = load_class_map(classes)
     out = Path(out)
@@ -154,16 +179,20 @@ def write_demo_dataset(out: str | Path, cases: int = 8, seed: int = 0, classes: 
     for i in range(cases):
         rng = np.random.default_rng([seed, i])
         case_id = f"s{i + 1:04d}"
-        sxy = float(rng.uniform(2.0, 2.4))
-        # every third case has thick slices (> 3x the in-plane spacing: nnU-Net's separate-z path)
-        sz = float(3.2 * sxy if i % 3 == 2 else rng.uniform(2.5, 4.0))
-        nxy = int(rng.integers(80, 97))
-        shape = (nxy, int(nxy * rng.uniform(0.92, 1.0)), int(round(rng.uniform(150, 200) / sz)))
-        spacing = (sxy, sxy, sz)
-        ct, masks = phantom(rng, shape, spacing, version)
+        if shape is None:
+            sxy = float(rng.uniform(2.0, 2.4))
+            # every third case has thick slices (> 3x the in-plane spacing: nnU-Net's separate-z path)
+            sz = float(3.2 * sxy if i % 3 == 2 else rng.uniform(2.5, 4.0))
+            nxy = int(rng.integers(80, 97))
+            case_shape = (nxy, int(nxy * rng.uniform(0.92, 1.0)), int(round(rng.uniform(150, 200) / sz)))
+            case_spacing = (sxy, sxy, sz)
+        else:  # benchmark-sized: drawn from the same per-case generator, so still reproducible
+            case_shape = tuple(int(rng.integers(lo, hi + 1)) for lo, hi in shape)
+            case_spacing = (float(spacing),) * 3
+        ct, masks = phantom(rng, case_shape, case_spacing, version)
         # RAS grid centred at a random origin, then stored in this case's on-disk orientation
-        ras_aff = np.diag([*spacing, 1.0])
-        ras_aff[:3, 3] = -np.asarray(shape) * np.asarray(spacing) / 2 + rng.uniform(-20, 20, 3)
+        ras_aff = np.diag([*case_spacing, 1.0])
+        ras_aff[:3, 3] = -np.asarray(case_shape) * np.asarray(case_spacing) / 2 + rng.uniform(-20, 20, 3)
         codes, tilt = ORIENTATIONS[i % len(ORIENTATIONS)]
         import nibabel as nib
 
@@ -175,7 +204,7 @@ def write_demo_dataset(out: str | Path, cases: int = 8, seed: int = 0, classes: 
             rot = np.eye(4)
             rot[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
             ras_aff = rot @ ras_aff
-        file_aff = ornt_affine(ras_aff, ornt, shape)
+        file_aff = ornt_affine(ras_aff, ornt, case_shape)
         to_file = lambda a: np.ascontiguousarray(apply_ornt(a, ornt))  # noqa: E731
         qcode = 0 if i % 4 == 1 else 1  # like the real dataset, some files carry only an sform
         case_dir = out / case_id
@@ -189,7 +218,7 @@ def write_demo_dataset(out: str | Path, cases: int = 8, seed: int = 0, classes: 
             (seg_dir / f"{name}.nii.gz").write_bytes(data)
         age = int(rng.integers(25, 85))
         lines.append(f"{case_id};{age};{'mf'[i % 2]};demo;ct abdomen-thorax;{splits[i]};Phantom;Synthetic;120;no_pathology;")
-        log.info(f"{case_id}: {shape} at {np.round(spacing, 2).tolist()} mm, stored as {''.join(codes)}"
+        log.info(f"{case_id}: {case_shape} at {np.round(case_spacing, 2).tolist()} mm, stored as {''.join(codes)}"
                  f"{f' tilted {tilt} deg' if tilt else ''}, split {splits[i]}")
     (out / "meta.csv").write_bytes(("\ufeff" + "\n".join(lines) + "\n").encode("utf-8"))
     return out

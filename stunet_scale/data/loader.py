@@ -23,7 +23,9 @@ never alias one.
 Determinism (Zarr): micro-batch ``j`` of rank ``r`` is a pure function of (seed, r, world size, j),
 so a resume from ``{"seed", "step"}`` continues the exact sequence, and any ``num_workers`` gives
 the same tensors. WebDataset streams are deterministic per (seed, epoch, world size, workers) and
-resume at epoch granularity; see ``webdataset_reader.py``.
+resume from ``{"seed", "step"}`` exactly, mid-epoch included, as long as world size and
+``num_workers`` are unchanged (otherwise the case order changes from the resumed epoch on); see
+``webdataset_reader.py``.
 """
 
 from __future__ import annotations
@@ -164,6 +166,9 @@ class Geometry:
         self.initial = [max(i, p) for i, p in zip(self.initial, self.patch)]
         self.ds_strides = deep_supervision_strides(cfg.model.resolved().pool_strides, cfg.model.deep_supervision)
         self.label_interpolation = a.label_interpolation
+        # augment_batch's batched_spatial: None picks by device (one batched grid_sample off the
+        # CPU, per-sample boxes on it); True/False forces a path (tests run the GPU path on a CPU)
+        self.batched_spatial: bool | None = None
 
 
 def build_plan(cfg: TrainConfig, store: PreparedStore, geometry: Geometry) -> SamplePlan:
@@ -211,7 +216,8 @@ def finish(raw: dict, geometry: Geometry, device: torch.device, in_worker: bool 
     """
     dtype = raw["crop_label"].dtype if in_worker else torch.int64
     image, targets = augment_batch(raw, patch=geometry.patch, initial=geometry.initial, ds_strides=geometry.ds_strides,
-                                   label_interpolation=geometry.label_interpolation, device=device, label_dtype=dtype)
+                                   label_interpolation=geometry.label_interpolation, device=device, label_dtype=dtype,
+                                   batched_spatial=getattr(geometry, "batched_spatial", None))
     index = raw["sample_index"]  # numpy: a worker sends it pickled, not in its own shared segment
     if not in_worker:
         index = torch.as_tensor(index, dtype=torch.int64).to(device, non_blocking=True)
@@ -272,7 +278,8 @@ def make_loader(dataset, cfg: TrainConfig, sampler=None, device: torch.device | 
 class TrainStream:
     """Yields ``(step, micro_batches)`` forever from ``start_step``; close() stops the workers."""
 
-    def __init__(self, cfg: TrainConfig, *, rank: int, world_size: int, start_step: int, device: torch.device):
+    def __init__(self, cfg: TrainConfig, *, rank: int, world_size: int, start_step: int, device: torch.device,
+                 batched_spatial: bool | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         validate_data_config(cfg, world_size)
@@ -286,6 +293,7 @@ class TrainStream:
         self.accumulation = arith["grad_accumulation"]
         self.micro_batch = cfg.schedule.micro_batch
         self.geometry = Geometry(cfg)
+        self.geometry.batched_spatial = batched_spatial
         self.on_device = _augment_on_device(cfg, self.device)
         self.format = cfg.data.format
         self.store = open_checked_store(cfg)
@@ -368,9 +376,14 @@ class TrainStream:
             pass
 
 
-def build_train_stream(cfg: TrainConfig, *, rank: int, world_size: int, start_step: int, device: torch.device) -> TrainStream:
-    """The trainer's data stream for one rank (see the module docstring)."""
-    return TrainStream(cfg, rank=rank, world_size=world_size, start_step=start_step, device=device)
+def build_train_stream(cfg: TrainConfig, *, rank: int, world_size: int, start_step: int, device: torch.device,
+                       batched_spatial: bool | None = None) -> TrainStream:
+    """The trainer's data stream for one rank (see the module docstring).
+
+    ``batched_spatial`` forces ``augment_batch``'s spatial path (None: by device; see ``Geometry``).
+    """
+    return TrainStream(cfg, rank=rank, world_size=world_size, start_step=start_step, device=device,
+                       batched_spatial=batched_spatial)
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,11 +404,14 @@ def load_validation_case(cfg: TrainConfig, case_id: str) -> tuple[np.ndarray, np
     store = open_checked_store(cfg, need="any")
     if store.has_zarr:
         h = CaseHandle(store, case_id, cfg.data.normalization, STORE_CHANNELS)
-        shape = h.shape
-        image = np.empty((STORE_CHANNELS, *shape), np.dtype(h.image.dtype).newbyteorder("="))
-        label = np.empty(shape, h.label.dtype)
-        h.image.read((0, 0, 0), shape, image[0]) if not h.image_has_channels else h.image.read((0, 0, 0, 0), (STORE_CHANNELS, *shape), image)
-        h.label.read((0, 0, 0), shape, label)
+        try:
+            shape = h.shape
+            image = np.empty((STORE_CHANNELS, *shape), np.dtype(h.image.dtype).newbyteorder("="))
+            label = np.empty(shape, h.label.dtype)
+            h.image.read((0, 0, 0), shape, image[0]) if not h.image_has_channels else h.image.read((0, 0, 0, 0), (STORE_CHANNELS, *shape), image)
+            h.label.read((0, 0, 0), shape, label)
+        finally:
+            h.close()  # one read per validation case: do not keep its shard files open
         meta, norm = h.meta, h.norm
     else:
         from .webdataset_reader import load_wds_case

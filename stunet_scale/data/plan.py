@@ -145,8 +145,9 @@ class SamplePlan:
     """Maps a global sample index to a ``SampleSpec``; the same at every rank, worker and restart.
 
     ``cases`` must be in a canonical order (sorted case ids); the plan's ``fingerprint`` changes when
-    the case list, its shapes, foreground tables or any sampling setting change, so a resume against
-    a different store can be detected.
+    the case list, its shapes, foreground tables or any sampling setting change. The trainer should
+    store it with each checkpoint and compare it on resume: a resume from ``(seed, step)`` replays
+    the same samples only against the same plan.
     """
 
     def __init__(self, cases: Sequence[PlanCase], *, seed: int, global_batch: int, patch: Sequence[int],
@@ -232,6 +233,14 @@ class SamplePlan:
 
     @property
     def fingerprint(self) -> str:
+        """16 hex digits identifying what ``sample(i)`` returns for every ``i``: seed, batch, patch sizes,
+        foreground oversampling, case weighting, channels, every augmentation setting, and per case
+        its id, shape, split and foreground table (labels, row starts and counts).
+
+        Public API for checkpoints (also ``TrainStream.fingerprint``): store it at save time; a
+        different value at resume means the store or the sampling settings changed, so the resumed
+        run would not continue the interrupted sample sequence.
+        """
         h = hashlib.sha256()
         h.update(repr((self.seed, self.global_batch, self.patch, self.initial, self.oversample_foreground,
                        self.case_weighting, self.channels)).encode())
@@ -240,5 +249,6 @@ class SamplePlan:
         for c in self.cases:
             h.update(repr((c.case_id, tuple(c.shape), c.split)).encode())
             h.update(np.ascontiguousarray(c.fg_labels, np.int64).tobytes())
+            h.update(np.ascontiguousarray(c.fg_starts, np.int64).tobytes())  # which fg_locations row a forced sample reads
             h.update(np.ascontiguousarray(c.fg_counts, np.int64).tobytes())
         return h.hexdigest()[:16]

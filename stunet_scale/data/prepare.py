@@ -255,18 +255,10 @@ def _combined_input_hash(shas: dict[str, str]) -> str:
 def preprocess_case(loaded, ds: RawDataset, params: dict) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Loaded case -> (manifest entry without storage fields, image, label, fg_locations, intensity
     sample). RAS, crop, resample, intensity statistics, class counts, foreground locations."""
-    ras_img, _, ornt = pp.to_ras(loaded.image, loaded.affine)
-    ras_lab = pp.apply_ornt(loaded.label, ornt)
-    box = pp.crop_box(ras_img, ras_lab, params["crop"])
-    geom = pp.plan_geometry(loaded.image.shape[-3:], loaded.affine, box, params["target_spacing"])
-    img_c = np.ascontiguousarray(pp.crop(ras_img, box))
-    lab_c = np.ascontiguousarray(pp.crop(ras_lab, box))
+    # the same file -> stored-grid code predict runs (an int16 case already at the target spacing stays int16)
+    geom, img_s, lab_s = pp.stored_case(loaded.image, loaded.affine, params["target_spacing"], params["crop"],
+                                        loaded.label, params["image_interpolation"], params["label_interpolation"])
     clipped = 0
-    if geom.shape == geom.cropped_shape:
-        img_s, lab_s = img_c, lab_c
-    else:
-        img_s = pp.resample_image(img_c, geom.shape, params["image_interpolation"], geom.separate_axis)
-        lab_s = pp.resample_labels(lab_c, geom.shape, params["label_interpolation"], geom.separate_axis)
     if params["image_dtype"] == "int16":
         if img_s.dtype != np.int16:
             f = np.rint(img_s) if img_s.dtype.kind == "f" else img_s
@@ -732,9 +724,7 @@ def pooled_intensity(samples: list[np.ndarray]) -> dict | None:
     if not samples or not any(s.size for s in samples):
         return None
     v = np.concatenate(samples).astype(np.float64)
-    p005, p50, p995 = np.percentile(v, [0.5, 50.0, 99.5])
-    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()),
-            "median": float(p50), "percentile_00_5": float(p005), "percentile_99_5": float(p995), "num_samples": int(v.size)}
+    return {**pp.fg_stats(v), "num_samples": int(v.size)}
 
 
 def finalize(ds: RawDataset, opts: PrepareOptions, params: dict, lay: Layout, plan: list[dict], t0: float,

@@ -459,12 +459,14 @@ class Geometry:
 
 
 def plan_geometry(
-    shape: Sequence[int], affine: np.ndarray, box: Sequence[Sequence[int]] | None, target_spacing: Sequence[float]
+    shape: Sequence[int], affine: np.ndarray, box: Sequence[Sequence[int]] | None, target_spacing: Sequence[float],
+    ornt: Ornt | None = None,
 ) -> Geometry:
     """Compute the full geometry of a case from the file's spatial shape/affine, a RAS crop box and a
-    target spacing. ``box=None`` keeps the whole RAS volume."""
+    target spacing. ``box=None`` keeps the whole RAS volume. ``ornt``: ``ras_orientation(affine)``
+    when the caller already has it."""
     affine = np.asarray(affine, dtype=np.float64)
-    ornt = ras_orientation(affine)
+    ornt = ras_orientation(affine) if ornt is None else np.asarray(ornt)
     ras_shape = [int(shape[int(np.where(ornt[:, 0] == j)[0][0])]) for j in range(3)]
     ras_aff = ornt_affine(affine, ornt, shape)
     box = [[0, n] for n in ras_shape] if box is None else [[int(lo), int(hi)] for lo, hi in box]
@@ -501,20 +503,49 @@ def plan_geometry(
 
 
 def to_stored_grid(
-    array: np.ndarray, geometry: Geometry, kind: str, method: str | None = None
+    array: np.ndarray, geometry: Geometry, kind: str, method: str | None = None, *, reoriented: bool = False
 ) -> np.ndarray:
     """File-grid ``array[..., x, y, z]`` -> stored grid: reorient, crop, resample.
 
-    ``kind``: ``image`` (float32 out, ``method`` cubic|linear) or ``labels`` (dtype kept,
-    ``method`` nearest|linear).
+    ``kind``: ``image`` (``method`` cubic|linear) or ``labels`` (dtype kept, ``method``
+    nearest|linear). An image comes back as float32 when it is resampled and in its own dtype when the
+    grid already has the target spacing (the public TotalSegmentator is 1.5 mm): int16 HU then stays
+    int16 instead of taking a float32 copy. ``reoriented``: ``array`` is already in RAS (the caller
+    needed it to find the crop box), so only crop and resample are left.
     """
-    ras = apply_ornt(array, np.asarray(geometry.ornt))
+    if kind not in ("image", "labels"):
+        raise ValueError(f"unknown kind {kind!r}; use image or labels")
+    ras = array if reoriented else apply_ornt(array, np.asarray(geometry.ornt))
     cropped = np.ascontiguousarray(crop(ras, geometry.crop_box))
+    if list(geometry.shape) == list(geometry.cropped_shape):
+        return cropped
     if kind == "image":
         return resample_image(cropped, geometry.shape, method or "cubic", geometry.separate_axis)
-    if kind == "labels":
-        return resample_labels(cropped, geometry.shape, method or "nearest", geometry.separate_axis)
-    raise ValueError(f"unknown kind {kind!r}; use image or labels")
+    return resample_labels(cropped, geometry.shape, method or "nearest", geometry.separate_axis)
+
+
+def stored_case(
+    image: np.ndarray,
+    affine: np.ndarray,
+    target_spacing: Sequence[float],
+    crop_mode: str,
+    labels: np.ndarray | None = None,
+    image_method: str = "cubic",
+    label_method: str = "nearest",
+) -> tuple[Geometry, np.ndarray, np.ndarray | None]:
+    """The file -> stored-grid step shared by ``prepare`` (image + labels) and ``predict`` (image
+    only): orientation worked out once, crop box found on the RAS arrays (``crop_box``), geometry
+    planned, then ``to_stored_grid`` on each array. Returns (geometry, image, labels or None);
+    ``image`` is ``[x, y, z]`` or ``[c, x, y, z]`` in file voxel order, ``target_spacing`` RAS (x, y, z).
+    """
+    ornt = ras_orientation(affine)
+    ras_img = apply_ornt(image, ornt)
+    ras_lab = None if labels is None else apply_ornt(labels, ornt)
+    box = crop_box(ras_img, ras_lab, crop_mode)
+    geom = plan_geometry(image.shape[-3:], affine, box, target_spacing, ornt=ornt)
+    img = to_stored_grid(ras_img, geom, "image", image_method, reoriented=True)
+    lab = None if ras_lab is None else to_stored_grid(ras_lab, geom, "labels", label_method, reoriented=True)
+    return geom, img, lab
 
 
 def restore_to_original(array: np.ndarray, geometry: Geometry | dict, kind: str = "labels", fill: float = 0) -> np.ndarray:
@@ -529,7 +560,15 @@ def restore_to_original(array: np.ndarray, geometry: Geometry | dict, kind: str 
     back = resample_to_shape(array, g.cropped_shape, kind)
     if kind == "labels":
         back = back.astype(array.dtype, copy=False)
-    full = uncrop(back, g.crop_box, g.ras_shape, fill)
+    return paste_to_original(back, g, fill)
+
+
+def paste_to_original(array: np.ndarray, geometry: Geometry | dict, fill: float = 0) -> np.ndarray:
+    """``array[..., x, y, z]`` on the *cropped* RAS grid (already resampled back to
+    ``cropped_shape``) -> the original file's voxel grid: pad the crop with ``fill``, undo the
+    reorientation. ``predict`` resamples logits itself (chunked arg-max) and then pastes with this."""
+    g = Geometry.from_dict(geometry) if isinstance(geometry, dict) else geometry
+    full = uncrop(array, g.crop_box, g.ras_shape, fill)
     return np.ascontiguousarray(from_ras(full, np.asarray(g.ornt)))
 
 
@@ -550,18 +589,25 @@ def intensity_stats(image: np.ndarray, labels: np.ndarray | None) -> dict:
         out["foreground"] = None
         return out
     fg = image[labels > 0].astype(np.float64)
-    p005, p50, p995 = np.percentile(fg, [0.5, 50.0, 99.5])
-    out["foreground"] = {
-        "voxels": int(fg.size),
-        "mean": float(fg.mean()),
-        "std": float(fg.std()),
-        "min": float(fg.min()),
-        "max": float(fg.max()),
+    out["foreground"] = {"voxels": int(fg.size), **fg_stats(fg)}
+    return out
+
+
+def fg_stats(values: np.ndarray) -> dict:
+    """nnU-Net's foreground intensity properties of ``values`` (float64, non-empty): mean, std, min,
+    max, median, 0.5/99.5 percentiles. One implementation for the per-case statistics
+    (``intensity_stats``) and the pooled dataset ones (``prepare.pooled_intensity``), so the CT
+    normalisation bounds of both are computed the same way."""
+    p005, p50, p995 = np.percentile(values, [0.5, 50.0, 99.5])
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "max": float(values.max()),
         "median": float(p50),
         "percentile_00_5": float(p005),
         "percentile_99_5": float(p995),
     }
-    return out
 
 
 def foreground_sample(image: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:

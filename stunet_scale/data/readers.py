@@ -8,7 +8,7 @@ raw micro-batch layout of ``augment.allocate_raw``:
 - no rotation/scaling (64 % of samples with nnU-Net's probabilities): the final patch itself, read
   at the crop position of the initial patch and flipped while it is copied;
 - rotated/scaled: only the box of the initial patch (205^3 for 128^3) that the sample's grid
-  touches (``augment.spatial_read_box``), shipped at its own size; nnU-Net always reads and
+  touches (``augment.spatial_box_and_affine``), shipped at its own size; nnU-Net always reads and
   moves the whole initial patch.
 
 Outside the volume the image is padded with air (-1024 HU; a non-CT store's fill value) and the
@@ -20,7 +20,8 @@ it, so ``ShardReader`` reads the store's fixed layout (one ``sharding_indexed`` 
 bytes + blosc + crc32c per inner chunk, crc32c'd index at the end) directly: ``preadv`` the chunk
 into a reused buffer, check its crc32c, decode it into another, copy the needed sub-block. Any blosc
 frame decodes (labels are lz4hc, images zstd + bitshuffle, older stores bitshuffled both). The shard index is
-read once per case and worker; a forced-foreground voxel is one row of ``fg_locations`` (one
+read once per case and worker, and the shard file stays open while the worker caches the case
+(closed when ``ZarrPatchReader`` evicts it); a forced-foreground voxel is one row of ``fg_locations`` (one
 4096-row chunk). Any array in another layout falls back to zarr-python. A missing shard, a bad
 index, a missing/corrupt chunk raise ``StoreIntegrityError`` naming case, array and chunk; nothing
 is ever silently replaced by the fill value. Inside a DataLoader worker the raw tensors are
@@ -40,7 +41,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .augment import allocate_raw, crop_offset, mirror_view, set_spatial_affine, spatial_read_box, stack_params
+from .augment import allocate_raw, crop_offset, mirror_view, set_spatial_affine, spatial_box_and_affine, stack_params
 from .plan import PlanCase, SamplePlan, resolve_origin
 from .store import IMAGE_FILL, REBUILD_HINT, ZARR_DIR, CheckedArray, PreparedStore, StoreIntegrityError
 
@@ -158,9 +159,52 @@ class ShardReader:
         # compressed bytes land in one reused buffer: a fresh bytes object per chunk costs page
         # faults (~2 ms per 128^3 int16 crop on a VM) that reusing memory does not
         self._raw = bytearray(self._buf.nbytes + 64)
+        self._fds: dict[tuple, tuple[int, int]] = {}  # shard -> (fd, size), see _open
+        self._pid = os.getpid()
 
     def _shard_path(self, s: tuple) -> Path:
         return self.dir / ("c" + self.sep + self.sep.join(str(i) for i in s))
+
+    def _shard_name(self, s: tuple) -> str:
+        return f"{ZARR_DIR}/{self.case_id}/{self.name}/{self._shard_path(s).relative_to(self.dir)}"
+
+    def _open(self, s: tuple) -> tuple[int, int]:
+        """(fd, byte size) of shard ``s``, opened once and kept until ``close``.
+
+        Reopening and fstat-ing the shard for every box (every sample, array and channel) cost more
+        than reading a small crop. The descriptors belong to the process that opened them: a
+        DataLoader worker forked from a process that already read this case drops the inherited
+        table and opens its own, so no two processes ever share a reader's descriptors or caches.
+        """
+        if self._pid != os.getpid():
+            self._fds, self._pid = {}, os.getpid()  # the inherited descriptors stay the parent's business
+        got = self._fds.get(s)
+        if got is None:
+            try:
+                fd = os.open(self._shard_path(s), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError:
+                raise StoreIntegrityError(f"case {self.case_id!r}, array {self.name!r}: shard file "
+                                          f"{self._shard_name(s)} is missing. {REBUILD_HINT}") from None
+            got = self._fds[s] = (fd, os.fstat(fd).st_size)
+        return got
+
+    def close(self) -> None:
+        """Close the shard files this process opened (the case handle was evicted or is done)."""
+        fds, self._fds = self._fds, {}
+        if self._pid == os.getpid():
+            for fd, _ in fds.values():
+                os.close(fd)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: os may already be gone
+            pass
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fds"] = {}  # descriptors are per process; the receiver opens its own
+        return state
 
     def _index(self, s: tuple, fd: int, size: int) -> np.ndarray:
         import crc32c
@@ -169,18 +213,27 @@ class ShardReader:
         if idx is not None:
             return idx
         nbytes = self.n_inner * 16 + 4
-        where = f"case {self.case_id!r}, array {self.name!r}, shard file {ZARR_DIR}/{self.case_id}/{self.name}/{self._shard_path(s).relative_to(self.dir)}"
         if size < nbytes:
-            raise StoreIntegrityError(f"{where}: {size} bytes, too short for its index (truncated). {REBUILD_HINT}")
+            raise StoreIntegrityError(f"{self._where_shard(s)}: {size} bytes, too short for its index (truncated). {REBUILD_HINT}")
         raw = os.pread(fd, nbytes, size - nbytes)
         if crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-            raise StoreIntegrityError(f"{where}: shard index checksum mismatch (corrupt or truncated). {REBUILD_HINT}")
+            raise StoreIntegrityError(f"{self._where_shard(s)}: shard index checksum mismatch (corrupt or truncated). {REBUILD_HINT}")
         idx = np.frombuffer(raw[:-4], dtype="<u8").reshape(*self.per_shard, 2)
         self._indexes[s] = idx
         return idx
 
+    def _where_shard(self, s: tuple) -> str:
+        return f"case {self.case_id!r}, array {self.name!r}, shard file {self._shard_name(s)}"
+
+    def _where(self, chunk: tuple) -> str:
+        # built only when raising: formatting it for every chunk read cost more than the checks
+        return f"case {self.case_id!r}, array {self.name!r}, inner chunk {chunk}"
+
     def read(self, lo: Sequence[int], hi: Sequence[int], out: np.ndarray) -> None:
-        """Copy array[lo:hi] (inside the array) into ``out`` (shape hi - lo, any strides)."""
+        """Copy array[lo:hi] (inside the array) into ``out`` (shape hi - lo, any strides).
+
+        Reads and decodes exactly the inner chunks the box overlaps, nothing else.
+        """
         import crc32c
 
         lo = [int(v) for v in lo]
@@ -189,48 +242,34 @@ class ShardReader:
             return
         c0 = [l_ // c for l_, c in zip(lo, self.chunk)]
         c1 = [(h - 1) // c for h, c in zip(hi, self.chunk)]
-        fds: dict[tuple, tuple[int, int]] = {}
-        try:
-            for ci in np.ndindex(*[b - a + 1 for a, b in zip(c0, c1)]):
-                chunk = tuple(a + i for a, i in zip(c0, ci))
-                s = tuple(ch * c // sh for ch, c, sh in zip(chunk, self.chunk, self.shard))
-                if s not in fds:
-                    path = self._shard_path(s)
-                    try:
-                        fd = os.open(path, os.O_RDONLY)
-                    except FileNotFoundError:
-                        raise StoreIntegrityError(
-                            f"case {self.case_id!r}, array {self.name!r}: shard file {ZARR_DIR}/{self.case_id}/"
-                            f"{self.name}/{path.relative_to(self.dir)} is missing. {REBUILD_HINT}") from None
-                    fds[s] = (fd, os.fstat(fd).st_size)
-                fd, size = fds[s]
-                idx = self._index(s, fd, size)
-                local = tuple(ch - sh * (self.shard[d] // self.chunk[d]) for d, (ch, sh) in enumerate(zip(chunk, s)))
-                off, n = idx[local]
-                where = f"case {self.case_id!r}, array {self.name!r}, inner chunk {chunk}"
-                if off == _MISSING or n == _MISSING:
-                    raise StoreIntegrityError(f"{where} is missing from its shard (every chunk is written). {REBUILD_HINT}")
-                if int(off) + int(n) > size - (self.n_inner * 16 + 4) or n < 4:
-                    raise StoreIntegrityError(f"{where}: byte range beyond the shard data (truncated). {REBUILD_HINT}")
-                n = int(n)
-                if n > len(self._raw):  # incompressible chunk: blosc stores it with a header
-                    self._raw = bytearray(n)
-                data = memoryview(self._raw)[:n]
-                got = os.preadv(fd, [data], int(off))
-                if got != n or crc32c.crc32c(data[:-4]) != int.from_bytes(data[-4:], "little"):
-                    raise StoreIntegrityError(f"{where}: checksum mismatch (corrupt chunk). {REBUILD_HINT}")
-                try:
-                    self._codec.decode(data[:-4], out=self._buf)
-                except Exception as e:
-                    raise StoreIntegrityError(f"{where}: does not decode ({type(e).__name__}: {e}). {REBUILD_HINT}") from e
-                a = [max(l_, ch * c) for l_, ch, c in zip(lo, chunk, self.chunk)]
-                b = [min(h, (ch + 1) * c) for h, ch, c in zip(hi, chunk, self.chunk)]
-                src = tuple(slice(x - ch * c, y - ch * c) for x, y, ch, c in zip(a, b, chunk, self.chunk))
-                dst = tuple(slice(x - l_, y - l_) for x, y, l_ in zip(a, b, lo))
-                out[dst] = self._buf[src]
-        finally:
-            for fd, _ in fds.values():
-                os.close(fd)
+        index_bytes = self.n_inner * 16 + 4
+        for ci in np.ndindex(*[b - a + 1 for a, b in zip(c0, c1)]):
+            chunk = tuple(a + i for a, i in zip(c0, ci))
+            s = tuple(ch * c // sh for ch, c, sh in zip(chunk, self.chunk, self.shard))
+            fd, size = self._open(s)
+            idx = self._index(s, fd, size)
+            local = tuple(ch - sh * (self.shard[d] // self.chunk[d]) for d, (ch, sh) in enumerate(zip(chunk, s)))
+            off, n = idx[local]
+            if off == _MISSING or n == _MISSING:
+                raise StoreIntegrityError(f"{self._where(chunk)} is missing from its shard (every chunk is written). {REBUILD_HINT}")
+            if int(off) + int(n) > size - index_bytes or n < 4:
+                raise StoreIntegrityError(f"{self._where(chunk)}: byte range beyond the shard data (truncated). {REBUILD_HINT}")
+            n = int(n)
+            if n > len(self._raw):  # incompressible chunk: blosc stores it with a header
+                self._raw = bytearray(n)
+            data = memoryview(self._raw)[:n]
+            got = os.preadv(fd, [data], int(off))
+            if got != n or crc32c.crc32c(data[:-4]) != int.from_bytes(data[-4:], "little"):
+                raise StoreIntegrityError(f"{self._where(chunk)}: checksum mismatch (corrupt chunk). {REBUILD_HINT}")
+            try:
+                self._codec.decode(data[:-4], out=self._buf)
+            except Exception as e:
+                raise StoreIntegrityError(f"{self._where(chunk)}: does not decode ({type(e).__name__}: {e}). {REBUILD_HINT}") from e
+            a = [max(l_, ch * c) for l_, ch, c in zip(lo, chunk, self.chunk)]
+            b = [min(h, (ch + 1) * c) for h, ch, c in zip(hi, chunk, self.chunk)]
+            src = tuple(slice(x - ch * c, y - ch * c) for x, y, ch, c in zip(a, b, chunk, self.chunk))
+            dst = tuple(slice(x - l_, y - l_) for x, y, l_ in zip(a, b, lo))
+            out[dst] = self._buf[src]
 
 
 class RowReader:
@@ -314,16 +353,7 @@ class CaseHandle:
         self.case_id = case_id
         self.meta = store.meta(case_id)
         base = store.root / store.manifest["storage"]["zarr"] / case_id
-        # Existence and size of every chunk file, as recorded by prepare (a few stat calls, once).
-        for key, size in (self.meta.get("zarr_files") or {}).items():
-            try:
-                actual = (base / key).stat().st_size
-            except FileNotFoundError:
-                raise StoreIntegrityError(f"case {case_id!r}: chunk file {ZARR_DIR}/{case_id}/{key} is missing. {REBUILD_HINT}") from None
-            if actual != size:
-                raise StoreIntegrityError(
-                    f"case {case_id!r}: chunk file {ZARR_DIR}/{case_id}/{key} has {actual} bytes, the manifest "
-                    f"recorded {size} (truncated or replaced). {REBUILD_HINT}")
+        store.check_case_files(case_id)  # existence and size of every chunk file (a few stat calls, once)
         group = None
         readers = {}
         for name in ("image", "label"):
@@ -356,6 +386,12 @@ class CaseHandle:
     @property
     def nbytes(self) -> int:
         return 0 if self._fg is None else self._fg.nbytes
+
+    def close(self) -> None:
+        """Close the shard files the direct readers keep open (zarr-python fallbacks hold none)."""
+        for r in (self.image, self.label):
+            if isinstance(r, ShardReader):
+                r.close()
 
 
 class _RowFallback:
@@ -423,10 +459,15 @@ class ZarrPatchReader:
             # stores written before fg_locations was chunked)
             while len(self._cases) > self.max_open_cases or (
                     len(self._cases) > 1 and sum(c.nbytes for c in self._cases.values()) > self.max_cached_bytes):
-                self._cases.popitem(last=False)
+                self._cases.popitem(last=False)[1].close()
         else:
             self._cases.move_to_end(case_id)
         return h
+
+    def close(self) -> None:
+        """Close every open case's shard files (they reopen on the next read)."""
+        while self._cases:
+            self._cases.popitem()[1].close()
 
     def read_micro_batch(self, indices: Sequence[int], shared=None) -> dict:
         """The raw micro-batch of the given global sample indices (``augment.allocate_raw`` layout)."""
@@ -460,7 +501,8 @@ def assemble_micro_batch(specs, handles, plan: SamplePlan, channels: int,
     patch, initial = plan.patch, plan.initial
     noisy = [float(s.aug["noise_std"]) > 0 for s in specs]
     label_dtype = torch.int16 if any(np.dtype(h.label.dtype).itemsize > 1 for h in handles) else torch.uint8
-    boxes = [spatial_read_box(s.aug, patch, initial) for s in specs if s.spatial]
+    placed = [spatial_box_and_affine(s.aug, patch, initial) for s in specs if s.spatial]  # (lo, hi, affine)
+    boxes = [(lo, hi) for lo, hi, _ in placed]
     raw = allocate_raw([s.spatial for s in specs], noisy, channels, patch, boxes, label_dtype, image_dtype, shared)
     off = crop_offset(patch, initial)
     ic = js = jn = 0
@@ -480,7 +522,7 @@ def assemble_micro_batch(specs, handles, plan: SamplePlan, channels: int,
             read_box(h.image, glo, ghi, img if lead else img[0], pad, h.shape, lead)
             read_box(h.label, glo, ghi, lab, 0, h.shape)
             raw["spatial_box"][js] = (lo, hi)
-            set_spatial_affine(raw, js, spec.aug, patch, initial)
+            set_spatial_affine(raw, js, spec.aug, patch, initial, placed[js][2])
             js += 1
         else:
             glo = [o + d for o, d in zip(origin, off)]

@@ -84,6 +84,7 @@ class Nifti:
     data: np.ndarray  # as stored (scaled by nibabel if the header has a slope/intercept)
     affine: np.ndarray
     sha256: str
+    header: object = None  # nibabel Nifti1Header/Nifti2Header: predict writes its output with these qform/sform codes
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -164,7 +165,7 @@ def read_nifti(path: Path, role: str = "image") -> Nifti:
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         bad = int(np.count_nonzero(~np.isfinite(data)))
         raise CaseError("NONFINITE", f"{path.name}: {bad} NaN/Inf voxel(s)", path)
-    return Nifti(path, data, affine, sha)
+    return Nifti(path, data, affine, sha, hdr)
 
 
 def check_same_grid(ref: Nifti, other: Nifti) -> None:
@@ -230,7 +231,7 @@ class RawCase:
         if self.label_file is not None and self.label_file.exists():
             files.append(self.label_file)
         if self.mask_dir is not None and self.mask_dir.is_dir():
-            files += sorted(p for p in self.mask_dir.iterdir() if _strip_nifti(p.name) in dataset.source_label_names)
+            files += sorted(p for p in self.mask_dir.iterdir() if strip_nifti(p.name) in dataset.source_label_names)
         return files
 
 
@@ -257,7 +258,8 @@ class RawDataset:
         return len(self.labels)
 
 
-def _strip_nifti(name: str) -> str:
+def strip_nifti(name: str) -> str:
+    """File name without ``.nii.gz``/``.nii`` (the case or class name)."""
     for suf in NIFTI_SUFFIXES:
         if name.endswith(suf):
             return name[: -len(suf)]
@@ -281,15 +283,34 @@ def detect_layout(root: Path) -> str:
     )
 
 
+SPLITS = ("train", "val", "test")
+
+
 def read_meta_csv(path: Path) -> dict[str, str]:
-    """image_id -> split from TotalSegmentator's meta.csv (``;``-separated, BOM tolerated)."""
+    """image_id -> split from TotalSegmentator's meta.csv (``;``-separated, BOM tolerated).
+
+    A split outside train/val/test (a typo such as ``validation`` or ``Train``) is a DatasetError
+    naming the file, the row and the image_id: it would otherwise become a new split silently and the
+    case would be missing from the one it was meant for. It is a dataset-level file, so the whole run
+    stops before any case is prepared rather than quarantining cases one by one. An empty split
+    cell still means the default ``train`` (some exports leave it blank).
+    """
     text = path.read_bytes().decode("utf-8-sig")
     first = text.splitlines()[0] if text else ""
     delim = ";" if first.count(";") >= first.count(",") else ","
     rows = list(csv.DictReader(io.StringIO(text), delimiter=delim))
     if not rows or "image_id" not in rows[0] or "split" not in rows[0]:
         raise DatasetError(f"{path}: needs columns image_id and split (found {list(rows[0]) if rows else 'no rows'})")
-    return {r["image_id"].strip(): (r["split"] or "").strip() for r in rows if r.get("image_id")}
+    out = {}
+    for line, r in enumerate(rows, start=2):  # line 1 is the header
+        if not r.get("image_id"):
+            continue
+        image_id, split = r["image_id"].strip(), (r["split"] or "").strip()
+        if split and split not in SPLITS:
+            raise DatasetError(f"{path} line {line}: image_id {image_id!r} has split {split!r}; "
+                               f"allowed values are {', '.join(SPLITS)} (or empty for train)")
+        out[image_id] = split
+    return out
 
 
 def open_source(root: str | Path, layout: str = "auto", classes: str = "auto") -> RawDataset:
@@ -324,7 +345,7 @@ def _open_totalseg(root: Path, classes: str) -> RawDataset:
     names: set[str] = set()
     for c in cases:
         if c.mask_dir.is_dir():
-            names |= {_strip_nifti(p.name) for p in c.mask_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES)}
+            names |= {strip_nifti(p.name) for p in c.mask_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES)}
             if len(names) >= 100:
                 break
     if classes in ("auto", "dataset"):
@@ -484,7 +505,7 @@ def load_case(case: RawCase, dataset: RawDataset, threads: int = 1) -> LoadedCas
     # TotalSegmentator: one mask per class
     if not case.mask_dir.is_dir():
         raise CaseError("MISSING_LABEL", f"{rel(case.mask_dir)}/ does not exist", case.mask_dir)
-    present_files = {_strip_nifti(p.name): p for p in case.mask_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES)}
+    present_files = {strip_nifti(p.name): p for p in case.mask_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES)}
     wanted = [(k, n) for k, n in enumerate(dataset.mask_names) if n is not None]
     missing = [k for k, n in wanted if n not in present_files]
     if len(missing) == len(wanted):

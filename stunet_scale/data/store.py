@@ -447,14 +447,12 @@ class PreparedStore:
                 self._group = zarr.open_group(store=store, mode="r", use_consolidated=True)
         return self._group
 
-    def case(self, case_id: str) -> StoredCase:
-        """Open one case of the Zarr store. Checks that its chunk files exist with the recorded
-        sizes (a few ``stat`` calls), then returns lazily read arrays."""
-        meta = self.meta(case_id)
-        if not self.has_zarr:
-            raise StoreIntegrityError(f"{self.root} was prepared with --format wds: read it with iter_wds_cases")
+    def check_case_files(self, case_id: str) -> None:
+        """Raise ``StoreIntegrityError`` unless every chunk file of the case exists with the byte size
+        prepare recorded in the manifest (a few ``stat`` calls: catches truncated or replaced files
+        before any read). Shared by ``case`` and the training reader's ``CaseHandle``."""
         base = self.root / self.manifest["storage"]["zarr"] / case_id
-        for key, size in meta["zarr_files"].items():
+        for key, size in (self.meta(case_id).get("zarr_files") or {}).items():
             try:
                 actual = (base / key).stat().st_size
             except FileNotFoundError:
@@ -464,6 +462,14 @@ class PreparedStore:
                 raise StoreIntegrityError(
                     f"case {case_id!r}: chunk file {ZARR_DIR}/{case_id}/{key} has {actual} bytes, the manifest "
                     f"recorded {size} (truncated or replaced). {REBUILD_HINT}")
+
+    def case(self, case_id: str) -> StoredCase:
+        """Open one case of the Zarr store. Checks that its chunk files exist with the recorded
+        sizes (a few ``stat`` calls), then returns lazily read arrays."""
+        meta = self.meta(case_id)
+        if not self.has_zarr:
+            raise StoreIntegrityError(f"{self.root} was prepared with --format wds: read it with iter_wds_cases")
+        self.check_case_files(case_id)
         group = self._zarr()[case_id]
         image = CheckedArray(group["image"], case_id, "image")
         label = CheckedArray(group["label"], case_id, "label")
@@ -511,7 +517,7 @@ def decode_wds_sample(sample: dict, manifest: dict | None = None) -> WdsCase:
     as ``webdataset.WebDataset(urls)`` yields it without ``.decode()``) into a ``WdsCase``.
 
     Raises ``StoreIntegrityError`` naming shard and key when a member is missing (truncated shard),
-    an array does not decode to its recorded shape/dtype, or a checksum differs from the sample's
+    meta.json's case id does not match the sample key, an array does not decode to its recorded shape/dtype, or a checksum differs from the sample's
     ``meta.json`` or from ``manifest`` (when given, the authority).
     """
     key = sample.get("__key__", "?")
@@ -526,6 +532,12 @@ def decode_wds_sample(sample: dict, manifest: dict | None = None) -> WdsCase:
     except Exception as e:
         raise StoreIntegrityError(f"shard {shard}: sample {key!r}: meta.json is not valid JSON ({e}). {REBUILD_HINT}") from e
     case_id = meta.get("id", key)
+    if "__key__" in sample and wds_key(str(case_id)) != key:
+        # a sample whose meta.json names another case (members spliced from two samples, a
+        # renamed member) would otherwise be trained on under the wrong id
+        raise StoreIntegrityError(
+            f"shard {shard}: sample {key!r}: meta.json names case {case_id!r}, whose key is "
+            f"{wds_key(str(case_id))!r} (spliced or renamed members). {REBUILD_HINT}")
     if manifest is not None:
         entry = manifest["cases"].get(case_id)
         if entry is None:
@@ -557,6 +569,48 @@ def decode_wds_sample(sample: dict, manifest: dict | None = None) -> WdsCase:
     return WdsCase(case_id, arrays["image"], arrays["label"], arrays["fg_locations"], meta, shard=shard)
 
 
+def iter_wds_groups(path: str | Path, expected_keys: Sequence[str] | None = None) -> Iterator[dict]:
+    """Stream a tar shard as one ``{"__key__", "__url__", ext: bytes}`` dict per sample, in order.
+
+    Members are read one sample at a time (``tarfile`` "r|"), so a consumer that stops early never
+    reads the rest of the shard. With ``expected_keys`` (the manifest's list for this shard) the key
+    order is checked as it streams and once more at the end, so a shard truncated at a member
+    boundary (which tar readers may end silently) or replaced by another is an error naming it.
+    """
+    path = Path(path)
+    expected = None if expected_keys is None else list(expected_keys)
+    seen: list[str] = []
+
+    def done(group):
+        seen.append(group["__key__"])
+        if expected is not None and seen != expected[:len(seen)]:
+            raise StoreIntegrityError(f"shard {path}: sample order {seen} differs from the manifest's {expected} "
+                                      f"(replaced shard). {REBUILD_HINT}")
+        return group
+
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            group = None
+            for info in tar:
+                _check_member_name(info.name, path)
+                if not info.isfile():
+                    continue
+                key, _, ext = Path(info.name).name.partition(".")
+                if group is not None and key != group["__key__"]:
+                    yield done(group)
+                    group = None
+                if group is None:
+                    group = {"__key__": key, "__url__": str(path)}
+                group[ext] = tar.extractfile(info).read()
+            if group is not None:
+                yield done(group)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise StoreIntegrityError(f"{path}: unreadable or truncated tar ({e}). {REBUILD_HINT}") from e
+    if expected is not None and seen != expected:
+        raise StoreIntegrityError(f"shard {path}: holds samples {seen}, the manifest lists {expected} "
+                                  f"(truncated or replaced shard). {REBUILD_HINT}")
+
+
 def iter_wds_cases(shard_paths: Iterable[str | Path], manifest: dict | None = None) -> Iterator[WdsCase]:
     """Decode every case of the given shards in order (tar streaming, no webdataset needed).
 
@@ -566,23 +620,10 @@ def iter_wds_cases(shard_paths: Iterable[str | Path], manifest: dict | None = No
     listed = {s["path"]: s for s in (manifest or {}).get("wds_shards") or []}
     for path in shard_paths:
         path = Path(path)
-        groups: dict[str, dict] = {}
-        order: list[str] = []
-        for name, data in read_tar_members(path):
-            base = Path(name).name
-            key, _, ext = base.partition(".")
-            if key not in groups:
-                groups[key] = {"__key__": key, "__url__": str(path)}
-                order.append(key)
-            groups[key][ext] = data
         entry = next((s for p, s in listed.items() if path.as_posix().endswith(p)), None)
-        if entry is not None:
-            expected = [wds_key(c) for c in entry["cases"]]
-            if order != expected:
-                raise StoreIntegrityError(
-                    f"shard {path}: holds samples {order}, the manifest lists {expected} (truncated or replaced shard). {REBUILD_HINT}")
-        for key in order:
-            yield decode_wds_sample(groups[key], manifest)
+        expected = None if entry is None else [wds_key(c) for c in entry["cases"]]
+        for group in iter_wds_groups(path, expected):
+            yield decode_wds_sample(group, manifest)
 
 
 def verify_wds_shards(root: str | Path, manifest: dict, full: bool = False) -> list[str]:

@@ -38,7 +38,6 @@ offer (and its default node splitter raises at world size > 1).
 from __future__ import annotations
 
 import math
-import tarfile
 from pathlib import Path
 from typing import Iterator
 
@@ -48,7 +47,7 @@ import torch
 from ..config import ConfigError, world_batch_arithmetic
 from .plan import STREAM_WDS, SamplePlan
 from .readers import ArrayReader, assemble_micro_batch, image_format, normalization
-from .store import REBUILD_HINT, PreparedStore, StoreIntegrityError, decode_wds_sample, wds_key
+from .store import REBUILD_HINT, PreparedStore, StoreIntegrityError, decode_wds_sample, iter_wds_groups, wds_key
 
 _MASK64 = (1 << 64) - 1
 
@@ -143,7 +142,7 @@ class ShardCursor:
                 self._groups.close()
             shard_idx, _ = self.seq[run]
             shard = self.shards[shard_idx]
-            self._groups = _iter_groups(Path(self.store.root) / shard["path"], [wds_key(c) for c in shard["cases"]])
+            self._groups = iter_wds_groups(Path(self.store.root) / shard["path"], [wds_key(c) for c in shard["cases"]])
             self._run, self.q = run, run - 1
         group = None
         while self.q < q:
@@ -154,42 +153,6 @@ class ShardCursor:
                                           f"{self.seq[q][1]!r} (truncated). {REBUILD_HINT}") from None
             self.q += 1
         return decode_wds_sample(group, self.store.manifest)
-
-
-def _iter_groups(path: Path, expected_keys: list[str]) -> Iterator[dict]:
-    """Yield one {"__key__", "__url__", ext: bytes} dict per case of a tar, checking the key order."""
-    seen = []
-    try:
-        with tarfile.open(path, mode="r|*") as tar:
-            group = None
-            for info in tar:
-                if not info.isfile():
-                    continue
-                base = Path(info.name).name
-                key, _, ext = base.partition(".")
-                if group is not None and key != group["__key__"]:
-                    seen.append(group["__key__"])
-                    _check_prefix(path, seen, expected_keys)
-                    yield group
-                    group = None
-                if group is None:
-                    group = {"__key__": key, "__url__": str(path)}
-                group[ext] = tar.extractfile(info).read()
-            if group is not None:
-                seen.append(group["__key__"])
-                _check_prefix(path, seen, expected_keys)
-                yield group
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise StoreIntegrityError(f"{path}: unreadable or truncated tar ({e}). {REBUILD_HINT}") from e
-    if seen != expected_keys:
-        raise StoreIntegrityError(f"shard {path}: holds samples {seen}, the manifest lists {expected_keys} "
-                                  f"(truncated or replaced shard). {REBUILD_HINT}")
-
-
-def _check_prefix(path, seen, expected):
-    if seen != expected[:len(seen)]:
-        raise StoreIntegrityError(f"shard {path}: sample order {seen} differs from the manifest's {expected} "
-                                  f"(replaced shard). {REBUILD_HINT}")
 
 
 class WdsCaseHandle:
@@ -323,7 +286,7 @@ def load_wds_case(store: PreparedStore, case_id: str):
     if shard is None:
         raise StoreIntegrityError(f"case {case_id!r} is not in any WebDataset shard of {store.root}")
     key = wds_key(case_id)
-    for group in _iter_groups(Path(store.root) / shard["path"], [wds_key(c) for c in shard["cases"]]):
+    for group in iter_wds_groups(Path(store.root) / shard["path"], [wds_key(c) for c in shard["cases"]]):
         if group["__key__"] == key:
             return decode_wds_sample(group, store.manifest)
     raise StoreIntegrityError(f"case {case_id!r} not found in {shard['path']}")

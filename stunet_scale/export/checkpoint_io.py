@@ -79,20 +79,26 @@ def _numpy_allow_list() -> list:
     return allowed
 
 
-def safe_torch_load(path: str | Path) -> object:
-    """``torch.load(weights_only=True)`` with clear errors: missing, truncated, or unsafe files."""
+def safe_torch_load(path: str | Path, mmap: bool = False) -> object:
+    """``torch.load(weights_only=True)`` with clear errors: missing, truncated, or unsafe files.
+
+    ``mmap=True`` maps the tensors from the file instead of reading them into fresh memory (the export
+    check reads files back this way: pages are the page cache's, dropped with the returned object).
+    Only zip-format files (torch >= 1.6 ``torch.save``) can be mapped; legacy ones are read normally.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty (an interrupted copy or download?); fetch it again")
+    kwargs = {"mmap": True} if mmap and zipfile.is_zipfile(path) else {}
     # torch < 2.5 has no safe_globals: weights_only still holds, only the numpy allow-list is missing.
     allow = getattr(torch.serialization, "safe_globals", None)
     try:
         if allow is None:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
         with allow(_numpy_allow_list()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
             raise CheckpointError(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -33,8 +34,8 @@ from ..models.stunet import RELEASE_NAMES, STUNet
 from .checkpoint_io import CheckpointError, Weights, read_weights, safe_torch_load
 from .hf_bundle import build_card, build_config_json, write_safetensors
 from .spec import generic_labels
-from .nnunet_folder import (DEFAULT_DATASET_ID, build_dataset_json, build_plans, dataset_name, nnunet_checkpoint,
-                            write_nnunet_folder)
+from .nnunet_folder import (CHECKPOINT_NAME as NNUNET_CHECKPOINT, DEFAULT_DATASET_ID, build_dataset_json, build_plans,
+                            dataset_name, nnunet_checkpoint, write_nnunet_folder)
 
 FORMATS = ("stunet", "nnunet", "safetensors")
 
@@ -141,13 +142,28 @@ def export(
         "exported_by_git_revision": _git_revision(),
     }
     result = ExportResult(out=out, name=name)
+    files: dict[str, str] = {}  # relative path -> sha256, each file hashed once right after it is final
     try:
         dataset_json = build_dataset_json(spec, ds_name, spec.training.get("num_training_cases"))
         plans = build_plans(spec, ds_name)
-        pth = partial / "stunet" / "checkpoint_final.pth"
-        if "stunet" in formats or "nnunet" in formats:
-            pth.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(nnunet_checkpoint(sd, spec, plans, dataset_json), pth)
+        weight_files: list[Path] = []
+        # checkpoint_final.pth goes straight to where each requested format wants it; nothing is
+        # written to a scratch place and copied or deleted afterwards.
+        pth_targets = []
+        if "stunet" in formats:
+            pth_targets.append(partial / "stunet" / "checkpoint_final.pth")
+        if "nnunet" in formats:
+            folder = write_nnunet_folder(partial / "nnunet", spec, plans, dataset_json, ds_name)
+            result.nnunet_folder = out / folder.relative_to(partial)
+            files.update(_hash(partial, folder / "dataset.json", folder / "plans.json"))
+            pth_targets.append(folder / "fold_0" / NNUNET_CHECKPOINT)
+        if pth_targets:
+            checkpoint = nnunet_checkpoint(sd, spec, plans, dataset_json)
+            for target in pth_targets:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(checkpoint, target)  # streams each storage to the file; no copy of the weights
+            del checkpoint
+            weight_files += pth_targets
         if "stunet" in formats:
             epoch = spec.training.get("epoch", spec.training.get("epochs", 0)) or 0
             v1 = {
@@ -159,24 +175,27 @@ def export(
                 "stunet_scale_spec": spec.to_dict(),
             }
             torch.save(v1, partial / "stunet" / f"{name}.model")
-        if "nnunet" in formats:
-            folder = write_nnunet_folder(partial / "nnunet", pth, spec, plans, dataset_json, ds_name)
-            result.nnunet_folder = out / folder.relative_to(partial)
-        if "nnunet" in formats and "stunet" not in formats:
-            shutil.rmtree(partial / "stunet")
+            weight_files.append(partial / "stunet" / f"{name}.model")
         if "safetensors" in formats:
             hf = partial / "hf"
             hf.mkdir()
             write_safetensors(sd, hf / "model.safetensors", spec)
-            (hf / "config.json").write_text(json.dumps(build_config_json(spec, export_info), indent=2) + "\n")
-        if verify:
-            _verify(partial, sd, log)
-        files = {str(p.relative_to(partial)): sha256_file(p) for p in sorted(partial.rglob("*")) if p.is_file()}
+            (hf / "config.json").write_text(json_text(build_config_json(spec, export_info)))
+            files.update(_hash(partial, hf / "config.json"))
+            weight_files.append(hf / "model.safetensors")
+        for path in weight_files:
+            if verify:
+                # One file at a time, freed before the next: peak memory is the source weights plus
+                # one exported file (mmap'd / read tensor by tensor), not all formats at once.
+                _verify_file(partial, path, sd, log)
+            files.update(_hash(partial, path))
+        # The card lists every file's sha256, so it is written after them; only the cards (and
+        # SHA256SUMS, which cannot list itself) are hashed after that.
         card = build_card(spec, export_info, files, license_id)
-        if "safetensors" in formats:
-            (partial / "hf" / "README.md").write_text(card)
-        (partial / "README.md").write_text(card)
-        files = {str(p.relative_to(partial)): sha256_file(p) for p in sorted(partial.rglob("*")) if p.is_file()}
+        cards = [partial / "README.md"] + ([partial / "hf" / "README.md"] if "safetensors" in formats else [])
+        for path in cards:
+            path.write_text(card)
+        files.update(_hash(partial, *cards))
         (partial / "SHA256SUMS").write_text("".join(f"{d}  {n}\n" for n, d in sorted(files.items())))
         if out.exists():
             shutil.rmtree(out)
@@ -184,7 +203,7 @@ def export(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    result.files = files
+    result.files = dict(sorted(files.items()))
     result.seconds = time.time() - t0
     log(f"export: wrote {len(files) + 1} files to {out} in {result.seconds:.1f} s")
     if result.nnunet_folder is not None:
@@ -193,32 +212,80 @@ def export(
     return result
 
 
+def _hash(root: Path, *paths: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256_file(p) for p in paths}
+
+
+def json_text(obj) -> str:
+    """Strict JSON (RFC 8259 has no NaN/Infinity): non-finite floats, e.g. the Dice of a class absent
+    from every validation case, are written as null so every JSON parser reads the file."""
+    return json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _weight_files(out: Path) -> list[Path]:
+    return [p for p in sorted(out.rglob("*"))
+            if p.suffix in (".model", ".safetensors") or p.name == NNUNET_CHECKPOINT]
+
+
+def reload_one(path: Path) -> "OrderedDict[str, torch.Tensor]":
+    """One exported weights file, read back the way its consumers read it (torch files memory-mapped)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return OrderedDict(load_file(str(path)))
+    obj = safe_torch_load(path, mmap=True)
+    return obj["state_dict"] if path.suffix == ".model" else obj["network_weights"]
+
+
+def iter_reloaded(out: Path):
+    """(relative path, state dict) for every weights file under an export, one file at a time."""
+    for p in _weight_files(out):
+        yield str(p.relative_to(out)), reload_one(p)
+
+
 def reload_all(out: Path) -> dict[str, "OrderedDict[str, torch.Tensor]"]:
-    """Every weights file under an export, read back the way its consumers read it."""
-    from safetensors.torch import load_file
-
-    found = {}
-    for p in sorted(out.rglob("*")):
-        if p.suffix == ".model":
-            found[str(p.relative_to(out))] = safe_torch_load(p)["state_dict"]
-        elif p.name == "checkpoint_final.pth":
-            found[str(p.relative_to(out))] = safe_torch_load(p)["network_weights"]
-        elif p.suffix == ".safetensors":
-            found[str(p.relative_to(out))] = load_file(str(p))
-    return found
+    """Every weights file under an export at once (tests and small models; ``iter_reloaded`` streams)."""
+    return dict(iter_reloaded(out))
 
 
-def _verify(root: Path, sd: dict, log) -> None:
-    for rel, loaded in reload_all(root).items():
-        # torch files keep the released key order; safetensors stores keys sorted, so compare as sets there.
-        same_keys = set(loaded) == set(sd) if rel.endswith(".safetensors") else list(loaded) == list(sd)
-        if not same_keys:
+def _verify_file(root: Path, path: Path, sd: dict, log) -> None:
+    rel = str(path.relative_to(root))
+
+    def check(key: str, other: torch.Tensor) -> None:
+        tensor = sd[key]
+        if other.dtype != tensor.dtype or other.shape != tensor.shape or not torch.equal(other, tensor):
+            raise CheckpointError(f"export check failed: {rel} {key} differs from the source tensor")
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        # Tensor by tensor from the mapped file: never more than one exported tensor in memory.
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            # safetensors stores keys sorted, so compare as sets there.
+            if set(keys) != set(sd):
+                raise CheckpointError(f"export check failed: {rel} has different keys than the source")
+            for key in keys:
+                check(key, f.get_tensor(key))
+    else:
+        loaded = reload_one(path)
+        # torch files keep the released key order
+        if list(loaded) != list(sd):
             raise CheckpointError(f"export check failed: {rel} has different keys than the source")
-        for key, tensor in sd.items():
-            other = loaded[key]
-            if other.dtype != tensor.dtype or other.shape != tensor.shape or not torch.equal(other, tensor):
-                raise CheckpointError(f"export check failed: {rel} {key} differs from the source tensor")
-        log(f"  verified {rel}: {len(sd)} tensors bit-identical to the source")
+        for key, other in loaded.items():
+            check(key, other)
+        del loaded
+    log(f"  verified {rel}: {len(sd)} tensors bit-identical to the source")
 
 
 def _version() -> str:
@@ -228,14 +295,9 @@ def _version() -> str:
 
 
 def _git_revision() -> str | None:
-    import subprocess
+    from ..tracking import git_revision  # one implementation, shared with the trainer's run records
 
-    try:
-        repo = Path(__file__).resolve().parents[2]
-        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return rev.stdout.strip() or None if rev.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return git_revision()
 
 
 def run_export(args) -> int:

@@ -10,6 +10,7 @@ it, and the sha256 of every exported file.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .spec import ModelSpec
@@ -18,8 +19,18 @@ from .spec import ModelSpec
 def write_safetensors(state_dict: dict, path: Path, spec: ModelSpec) -> None:
     from safetensors.torch import save_file
 
-    # safetensors refuses shared storage and non-contiguous tensors; clone makes each tensor its own.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    # safetensors refuses shared storage and non-contiguous tensors. Copy only those (the first
+    # tensor of a storage is written as is, later ones sharing it are cloned): a blanket clone
+    # would hold a second full copy of the model in memory while the file is written.
+    tensors, seen = {}, set()
+    for k, v in state_dict.items():
+        v = v.detach().to("cpu")
+        if not v.is_contiguous():
+            v = v.contiguous()  # a fresh storage of its own
+        elif v.untyped_storage().data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        tensors[k] = v
     save_file(tensors, str(path), metadata={"format": "pt", "stunet_scale_spec_format": "config.json"})
 
 
@@ -72,17 +83,23 @@ def validation_table(spec: ModelSpec) -> list[str]:
         k: v for k, v in val.items() if k not in ("mean_dice", "cases", "step", "epoch")}
     rows = []
     for key, value in per_class.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # None / NaN: the class was in no validation case (Dice undefined); listed, not averaged.
+        if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
             name = key
             if str(key).isdigit() and int(key) < len(spec.labels):
                 name = spec.labels[int(key)]
-            rows.append((name, float(value)))
+            rows.append((name, float(value) if value is not None else math.nan))
     if not rows:
         return []
-    lines = ["| class | Dice |", "|---|---|"] + [f"| {n} | {d:.4f} |" for n, d in rows]
+    lines = ["| class | Dice |", "|---|---|"] + [
+        f"| {n} | {d:.4f} |" if math.isfinite(d) else f"| {n} | - (absent from the validation cases) |" for n, d in rows]
     mean = val.get("mean_dice")
-    if not isinstance(mean, (int, float)):
-        mean = sum(d for _, d in rows) / len(rows)
+    finite = [d for _, d in rows if math.isfinite(d)]
+    if not isinstance(mean, (int, float)) or not math.isfinite(mean):
+        if not finite:
+            return ["Validation Dice is undefined for every class (none present in the validation cases).", "",
+                    *lines]
+        mean = sum(finite) / len(finite)
     extra = f" over {val['cases']} cases" if "cases" in val else ""
     return [f"Validation Dice{extra}, mean {float(mean):.4f}:", "", *lines]
 
@@ -175,6 +192,9 @@ def build_card(spec: ModelSpec, export_info: dict, files: dict[str, str], licens
             f"| optimizer | {optim.get('name', '-')} lr {_fmt(optim.get('lr'))}, momentum {_fmt(optim.get('momentum'))}, "
             f"weight decay {_fmt(optim.get('weight_decay'))}, poly power {_fmt(sched.get('poly_power'))} |",
             f"| data | {data.get('root', '-')} ({data.get('class_map', '-')} labels, splits {data.get('train_splits', '-')}) |",
+            f"| training cases | {_fmt(t.get('num_training_cases'))}"
+            + (f" (prepared cases per split: {', '.join(f'{k} {v:,}' for k, v in t['cases_per_split'].items())})"
+               if isinstance(t.get("cases_per_split"), dict) else "") + " |",
             f"| distributed | {dist.get('backend', '-')} (ZeRO {dist.get('zero_stage', '-')}), {dist.get('precision', '-')} |",
             f"| git revision | {t.get('git_revision') or t.get('git_commit') or 'not recorded'} |",
             "",
@@ -211,6 +231,9 @@ def build_card(spec: ModelSpec, export_info: dict, files: dict[str, str], licens
         "",
         "STU-Net's own fine-tuning scripts read `stunet/*.model` (`state_dict`, nnU-Net v1) or",
         "`stunet/checkpoint_final.pth` (`network_weights`, nnU-Net v2); the key names are the released ones.",
+        "`stunet/*.model` is for STU-Net fine-tuning and `stunet_scale.load_pretrained` only: it comes without",
+        "the `.model.pkl` sidecar (nnU-Net v1's pickled plans) that nnU-Net v1 *prediction* needs. None is shipped",
+        "because unpickling it runs code; predict with `stunet-scale predict` or the nnU-Net v2 folder instead.",
         "nnU-Net v2 (unmodified, with stunet-scale installed): `export nnUNet_results=<export>/nnunet` then",
         f"`nnUNetv2_predict -i IN -o OUT -d {export_info.get('nnunet_dataset_id', '...')} -c 3d_fullres -f 0`.",
         "",

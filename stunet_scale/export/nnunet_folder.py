@@ -42,6 +42,7 @@ from .spec import ModelSpec, _plain
 CONFIGURATION = "3d_fullres"
 PLANS_NAME = "nnUNetPlans"
 TRAINER_NAME = "nnUNetTrainer"
+CHECKPOINT_NAME = "checkpoint_final.pth"
 DEFAULT_DATASET_ID = 900
 ARCH_FIELDS = ("size", "base_width", "blocks_per_stage", "width_multipliers", "pool_strides", "kernel_sizes")
 
@@ -155,16 +156,15 @@ def nnunet_checkpoint(state_dict: dict, spec: ModelSpec, plans: dict, dataset_js
     }
 
 
-def write_nnunet_folder(root: Path, checkpoint_file: Path, spec: ModelSpec, plans: dict, dataset_json: dict,
-                        name: str) -> Path:
-    """``root/<name>/nnUNetTrainer__nnUNetPlans__3d_fullres/{dataset.json, plans.json, fold_0/checkpoint_final.pth}``."""
-    import shutil
+def write_nnunet_folder(root: Path, spec: ModelSpec, plans: dict, dataset_json: dict, name: str) -> Path:
+    """``root/<name>/nnUNetTrainer__nnUNetPlans__3d_fullres/{dataset.json, plans.json, fold_0/}``.
 
+    The caller saves ``nnunet_checkpoint(...)`` straight to ``fold_0/checkpoint_final.pth`` (no copy).
+    """
     folder = root / name / f"{TRAINER_NAME}__{PLANS_NAME}__{CONFIGURATION}"
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n")
     (folder / "plans.json").write_text(json.dumps(plans, indent=2) + "\n")
-    shutil.copyfile(checkpoint_file, folder / "fold_0" / "checkpoint_final.pth")
     return folder
 
 

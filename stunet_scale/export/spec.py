@@ -138,42 +138,32 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+# What ``stunet-scale prepare`` writes into a store's manifest.json (stunet_scale/data/prepare.py,
+# ``finalize``) and the fields read here:
+#   class_map:     {"name": str, "labels": [name of output k, ...], "num_classes": int, ...}
+#   preprocessing: {"crop": body|nonzero|none, "image_interpolation": cubic|linear, "target_spacing": [...], ...}
+#   intensity:     {"foreground": {"mean", "std", "percentile_00_5", "percentile_99_5", ...} | null}
+#   stats:         {"splits": {split name: number of prepared cases}, ...}
+# Any other layout is not a prepared store; it is not guessed at.
+CT_STATS = ("mean", "std", "percentile_00_5", "percentile_99_5")
+
+
 def labels_for(class_map: str | None, num_classes: int, manifest: dict | None = None) -> tuple[list[str], str | None, str | None]:
     """Label names for ``num_classes`` outputs: from the store's manifest, else the named class map."""
     from ..data.class_maps import CLASS_MAP_FILES, load_class_map
 
-    if manifest:
-        names = _manifest_labels(manifest)
-        if names and len(names) == num_classes:
-            cm = manifest.get("class_map")
-            cm_name = cm if isinstance(cm, str) else (cm or {}).get("name") if isinstance(cm, dict) else None
+    cm = (manifest or {}).get("class_map")
+    if isinstance(cm, dict):
+        names = cm.get("labels")
+        if isinstance(names, list) and len(names) == num_classes:
+            cm_name = cm.get("name")
             version = CLASS_MAP_FILES[cm_name][1] if cm_name in CLASS_MAP_FILES else None
-            return names, cm_name, version  # a custom name too (e.g. "dataset.json" of an nnU-Net dataset)
+            return [str(n) for n in names], cm_name, version  # a custom name too (e.g. "dataset.json")
     if class_map in CLASS_MAP_FILES:
-        cm = load_class_map(class_map)
-        if cm.num_outputs == num_classes:
-            return list(cm.labels), cm.name, cm.totalseg_version
+        loaded = load_class_map(class_map)
+        if loaded.num_outputs == num_classes:
+            return list(loaded.labels), loaded.name, loaded.totalseg_version
     return generic_labels(num_classes), None, None
-
-
-def _manifest_labels(manifest: dict) -> list[str] | None:
-    # The store's manifest records its label map; accept {"0": "background", ...}, a list, or
-    # {"name": ..., "labels": ...} (the prepare step's exact layout may grow, the meaning does not).
-    for value in (manifest.get("labels"), (manifest.get("class_map") or {}).get("labels")
-                  if isinstance(manifest.get("class_map"), dict) else None):
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
-        if isinstance(value, dict):
-            try:
-                if all(isinstance(v, int) for v in value.values()):  # nnU-Net style name -> id
-                    inv = {int(v): str(k) for k, v in value.items()}
-                else:
-                    inv = {int(k): str(v) for k, v in value.items()}
-            except (TypeError, ValueError):
-                continue
-            if sorted(inv) == list(range(len(inv))):
-                return [inv[i] for i in range(len(inv))]
-    return None
 
 
 def read_manifest(data_root: str | Path | None) -> dict | None:
@@ -189,18 +179,21 @@ def read_manifest(data_root: str | Path | None) -> dict | None:
 
 
 def manifest_intensity_stats(manifest: dict | None) -> dict | None:
-    """Dataset foreground HU statistics for nnU-Net CT normalisation, if the manifest has them."""
-    if not manifest:
-        return None
-    needed = ("mean", "std", "percentile_00_5", "percentile_99_5")
-    candidates = [manifest.get("intensity_stats"), manifest.get("intensity"), manifest.get("foreground_intensity")]
-    for c in list(candidates):
-        if isinstance(c, dict):
-            candidates += [v for v in c.values() if isinstance(v, dict)]
-    for c in candidates:
-        if isinstance(c, dict) and all(k in c for k in needed):
-            return {k: float(c[k]) for k in needed}
+    """Dataset foreground HU statistics for nnU-Net CT normalisation (``intensity.foreground``)."""
+    fg = ((manifest or {}).get("intensity") or {}).get("foreground")
+    if isinstance(fg, dict) and all(k in fg for k in CT_STATS):
+        return {k: float(fg[k]) for k in CT_STATS}
     return None
+
+
+def manifest_case_counts(manifest: dict | None, train_splits: list[str] | None) -> dict:
+    """Prepared cases per split (``stats.splits``) and how many of them the run trained on."""
+    splits = ((manifest or {}).get("stats") or {}).get("splits")
+    if not isinstance(splits, dict):
+        return {}
+    counts = {str(k): int(v) for k, v in splits.items()}
+    train = list(train_splits or ["train"])
+    return {"cases_per_split": counts, "num_training_cases": sum(counts.get(s, 0) for s in train)}
 
 
 def spec_from_train_config(cfg: dict, *, training: dict | None = None, manifest: dict | None = None) -> ModelSpec:
@@ -219,34 +212,26 @@ def spec_from_train_config(cfg: dict, *, training: dict | None = None, manifest:
         )
     pre = (manifest or {}).get("preprocessing") or {}
     mirror_axes = list(aug.get("mirror_axes", [0, 1, 2])) if aug.get("mirror", True) and aug.get("enabled", True) else []
+    # Counts recorded by the run itself win; the store's manifest fills them in otherwise.
+    training = {**manifest_case_counts(manifest, data.get("train_splits")), **(training or {})}
     return ModelSpec(
         model=_plain(dataclasses.asdict(model)),
         spacing=[float(s) for s in data.get("spacing", [1.5, 1.5, 1.5])],
         patch_size=[int(p) for p in data.get("patch_size", [128, 128, 128])],
         normalization=normalization,
         intensity_stats=stats,
-        image_interpolation=_choice(pre, ("image_interpolation", "interpolation", "image_method"), INTERPOLATIONS, "cubic"),
-        crop=_choice(pre, ("crop", "crop_mode"), CROPS, "body"),
+        # prepare's defaults (PrepareOptions) when a store predates the field
+        image_interpolation=pre.get("image_interpolation") or "cubic",
+        crop=pre.get("crop") or "body",
         axis_order="ras_xyz",
         labels=labels,
         class_map=class_map,
         totalseg_version=version,
         mirror_axes=mirror_axes,
         origin="stunet-scale",
-        training=_plain(training or {}),
+        training=_plain(training),
         train_config=_plain(cfg),
     )
-
-
-def _choice(section: dict, keys: tuple[str, ...], allowed: tuple[str, ...], default: str) -> str:
-    # The prepare step records how it resampled and cropped; fall back to its defaults.
-    for key in keys:
-        value = section.get(key)
-        if value is not None:
-            value = {"trilinear": "linear"}.get(str(value).lower(), str(value).lower())
-            if value in allowed:
-                return value
-    return default
 
 
 def released_spec(model: ModelConfig) -> ModelSpec:

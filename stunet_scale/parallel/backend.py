@@ -16,8 +16,10 @@ its ``torch_autocast`` section is used instead.
 
 World-size independence: ``iter_full_state`` yields every parameter and its SGD momentum as full
 fp32 tensors (collectively, where the backend shards them), which is what the portable copy of a
-checkpoint stores; ``load_momentum`` puts momentum back at any world size. Parameters are loaded
-into the plain module *before* wrapping, so every backend starts from them like from an init.
+checkpoint stores; ``load_params`` and ``load_momentum`` put them back at any world size, into the
+wrapped model, so that resuming and rolling back go through the same code: a sharded backend writes
+its own shards, and one with an fp32 master copy of the parameters (DeepSpeed ZeRO-1/2/3) writes
+that copy too, or its next step would copy the old values back over the loaded ones.
 """
 
 from __future__ import annotations
@@ -202,6 +204,13 @@ class Backend:
         """
         raise NotImplementedError
 
+    def load_params(self, get_param: Callable[[str], torch.Tensor]) -> None:
+        """Set every parameter from full fp32 tensors by name (any world size; collective-free).
+
+        Every rank gets the full tensors and keeps what it owns.
+        """
+        raise NotImplementedError
+
     def load_momentum(self, get_momentum: Callable[[str], torch.Tensor | None]) -> None:
         """Set SGD momentum from full fp32 tensors by parameter name (any world size)."""
         raise NotImplementedError
@@ -262,6 +271,13 @@ class TorchBackend(Backend):
             if name in wanted:
                 buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
                 yield name, p.detach().float().cpu(), None if buf is None else buf.detach().float().cpu()
+
+    @torch.no_grad()
+    def load_params(self, get_param):
+        # In place: DDP and the optimizer hold these very tensors. Every rank loads the same values,
+        # so DDP replicas stay identical without a broadcast.
+        for name, p in self.module.named_parameters():
+            p.copy_(get_param(name).reshape(p.shape))
 
     def load_momentum(self, get_momentum):
         for name, p in self.module.named_parameters():

@@ -262,6 +262,47 @@ class DeepSpeedBackend(Backend):
         inner = getattr(opt, "optimizer", opt)
         return any("momentum_buffer" in st for st in inner.state.values())
 
+    def _local_chunk(self, p, value: torch.Tensor) -> torch.Tensor:
+        """This rank's ZeRO-3 partition of a full tensor, zero-padded to the partition size.
+
+        ``safe_set_full_*`` on ZeRO-3 narrows ``value`` at ``rank * partition`` without padding,
+        which overruns on the last rank when numel % world != 0; the local API takes this instead.
+        """
+        part = p.ds_tensor.numel()  # ceil(numel / world): the padded partition size
+        flat = value.to(self.device, torch.float32).flatten()
+        local = torch.zeros(part, dtype=torch.float32, device=self.device)
+        chunk = flat[self.env.rank * part:(self.env.rank + 1) * part]
+        local[: chunk.numel()] = chunk
+        return local
+
+    @torch.no_grad()
+    def load_params(self, get_param):
+        """Parameters at any world size, into both copies ZeRO keeps.
+
+        ZeRO-1/2/3 step on an fp32 master copy (its own tensors, also with fp32 model params) and
+        copy it back into the model parameters after every step; writing only the model
+        parameters would be undone by the next step. So each rank writes the model parameter
+        (ZeRO-1/2: the full replica; ZeRO-3: its partition, plus the full tensor of parameters
+        that stay resident by ``stage3_param_persistence_threshold``) and its part of the master
+        (``safe_set_full_fp32_param`` / ``safe_set_local_fp32_param``). Stage 0 has no master.
+        """
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+        for name, p in self.module.named_parameters():
+            shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
+            value = get_param(name).to(self.device, torch.float32).reshape(shape)
+            if self.stage == 3:
+                local = self._local_chunk(p, value)
+                p.ds_tensor.copy_(local.to(p.ds_tensor.device, p.ds_tensor.dtype))
+                if p.data.numel() == value.numel():  # resident (persistent or currently gathered)
+                    p.data.copy_(value.to(p.dtype))
+                if p.requires_grad:
+                    safe_set_local_fp32_param(p, local)
+            else:
+                p.data.copy_(value.to(p.dtype))
+                if self.stage in (1, 2) and p.requires_grad:
+                    safe_set_full_fp32_param(p, value)
+
     def load_momentum(self, get_momentum):
         """Momentum at any world size: materialise SGD state with a no-op step, then overwrite.
 
@@ -275,7 +316,6 @@ class DeepSpeedBackend(Backend):
         from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
 
         self._noop_step()
-        rank = self.env.rank
         for name, p in self.module.named_parameters():
             shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
             value = get_momentum(name)
@@ -284,11 +324,7 @@ class DeepSpeedBackend(Backend):
             value = torch.zeros(shape) if value is None else value
             value = value.to(self.device, torch.float32).flatten()
             if self.stage == 3:
-                part = p.ds_tensor.numel()  # ceil(numel / world): the padded partition size
-                local = torch.zeros(part, dtype=torch.float32, device=self.device)
-                chunk = value[rank * part:(rank + 1) * part]
-                local[: chunk.numel()] = chunk
-                safe_set_local_optimizer_state(p, local, "momentum_buffer")
+                safe_set_local_optimizer_state(p, self._local_chunk(p, value), "momentum_buffer")
             elif self.stage in (1, 2):
                 safe_set_full_optimizer_state(p, value.reshape(p.shape), "momentum_buffer")
             else:

@@ -63,6 +63,17 @@ class DistEnv:
         """True on every rank if it is True on any rank (the collective decision primitive)."""
         return self.all_reduce([1.0 if flag else 0.0], "max")[0] > 0
 
+    def any_tensor(self, flag: torch.Tensor) -> bool:
+        """``any`` for a one-element tensor on this rank's device, e.g. ``~isfinite(loss)``.
+
+        The flag stays on the device into the collective, so the host waits once (reading the
+        result) instead of twice (reading the local flag, then the reduced one).
+        """
+        t = flag.detach().reshape(1).to(self.collective_device, torch.float32)
+        if self.initialized:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         if not self.initialized:
             return obj

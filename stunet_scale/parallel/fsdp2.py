@@ -85,6 +85,17 @@ class FSDP2Backend(Backend):
             if name in wanted:
                 yield name, full, mom
 
+    @torch.no_grad()
+    def load_params(self, get_param):
+        # Every rank has the full tensor: cut its own shard locally (src_data_rank=None: no
+        # scatter from rank 0) and copy it into the existing shard, which the optimizer holds.
+        for name, p in self.model.named_parameters():
+            value = get_param(name).to(self.device, p.dtype).reshape(p.shape)
+            if isinstance(p, DTensor):
+                p.to_local().copy_(distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None).to_local())
+            else:
+                p.copy_(value)
+
     def load_momentum(self, get_momentum):
         for name, p in self.model.named_parameters():
             value = get_momentum(name)

@@ -48,16 +48,6 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
-def dry_run(cfg, world_size: int | None) -> int:
-    try:
-        from ..planning import dry_run as planning_dry_run
-    except ImportError:
-        print("train --dry-run needs stunet_scale.planning.dry_run (issue 7), which is not in this build",
-              file=sys.stderr)
-        return EXIT_CONFIG
-    return int(planning_dry_run(cfg, world_size) or 0)
-
-
 def main(argv: list[str] | None = None, data=None) -> int:
     from ..config import ConfigError, load_config
 
@@ -68,8 +58,10 @@ def main(argv: list[str] | None = None, data=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.dry_run:
-        return dry_run(cfg, args.world_size)
+    if args.dry_run:  # one process, no ranks started: stunet_scale.planning checks the config for W ranks
+        from ..planning import dry_run
+
+        return int(dry_run(cfg, args.world_size) or 0)
     from .loop import run
 
     try:

@@ -18,10 +18,10 @@ import logging
 import os
 import resource
 import signal
-import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -29,12 +29,13 @@ import torch
 from .. import config as config_mod
 from ..checkpointing.commit import CheckpointError, NoValidCheckpoint, resolve_newest_valid
 from ..checkpointing.manager import CheckpointManager, ResumePlan
+from ..checkpointing.portable import state_norms
 from ..checkpointing.state import STATE_FILE, TrainerState, restore_rng, seed_everything
 from ..config import TrainConfig, flatten, world_batch_arithmetic
 from ..models import build_stunet, train_step_flops
 from ..parallel.backend import build_backend
 from ..parallel.distributed import check_cudnn_conv3d, hostname, init_distributed, shutdown
-from ..tracking import Console, MetricsLog, Tracker, plot_class_dice, plot_preview, plot_progress
+from ..tracking import Console, MetricsLog, Tracker, git_revision, plot_class_dice, plot_preview, plot_progress
 from . import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
 from .faults import Faults
 from .loss import DiceCELoss
@@ -64,7 +65,11 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", env.is_main)
         self._preempt_signal: int | None = None
         self._last_full_val: int | None = None
+        # single steps are noisy (one global batch); the mean over the log interval is not
+        self._recent_losses: deque[float] = deque(maxlen=cfg.tracking.log_every_steps)
         self._t_start = time.time()
+        # two subprocesses: once, on rank 0, for the run records and the checkpoints' state
+        self.git_revision = env.broadcast_object(git_revision() if env.is_main else None)
         if env.is_main:
             self._write_run_files(argv)
         env.barrier()
@@ -74,34 +79,30 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, env, self.faults.save_hook)
         self.ckpt.prepare()
         resume_path = self.ckpt.find_resume(cfg.checkpoint.resume)
-        stage = cfg.distributed.zero_stage if cfg.distributed.backend == "deepspeed" else None
-        plan = self.ckpt.plan(resume_path, cfg.distributed.backend, stage) if resume_path else None
+        plan = self._plan(resume_path) if resume_path else None
 
-        # ---- model: same seed on every rank -> identical init; weights before wrapping ----
+        # ---- model: same seed on every rank -> identical init; checkpoint weights after wrapping ----
         torch.manual_seed(cfg.seed)
         model = build_stunet(cfg.model)
-        reader = None
-        if plan is not None and plan.mode != "native":
-            reader = plan.reader()
-            model.load_state_dict(reader.state_dict(), strict=True)
-        elif plan is None and cfg.checkpoint.init_from:
+        if plan is None and cfg.checkpoint.init_from:
             self._init_from_pretrained(model, cfg.checkpoint.init_from)
         self.backend = build_backend(model, cfg, env, self.grad_accumulation)
         self.state = TrainerState(seed=cfg.seed, global_batch=cfg.schedule.global_batch)
         if plan is not None:
-            self._restore(plan, reader)
+            self._restore(plan)
         else:
             seed_everything(cfg.seed, env.rank)
-        self.state.world_size, self.state.backend, self.state.zero_stage = env.world_size, cfg.distributed.backend, stage
+        self.state.world_size, self.state.backend = env.world_size, cfg.distributed.backend
+        self.state.zero_stage = self._zero_stage()
         self.state.global_batch = cfg.schedule.global_batch
-        self.state.git_revision = git_revision()
+        self.state.git_revision = self.git_revision
 
         self.loss_fn = DiceCELoss.from_config(cfg.loss)
         self.flops_per_sample = train_step_flops(cfg.model, tuple(cfg.data.patch_size), 1)
         run_name = cfg.tracking.run_name or self.run_dir.name
         self.tracker = Tracker(cfg.tracking, self.run_dir, env.rank, run_id=self.state.mlflow_run_id,
                                run_name=run_name, params=flatten(cfg) if env.is_main else None,
-                               tags={"git_revision": self.state.git_revision or "unknown", "backend": cfg.distributed.backend,
+                               tags={"git_revision": self.git_revision or "unknown", "backend": cfg.distributed.backend,
                                      "world_size": env.world_size})
         self.state.mlflow_run_id = env.broadcast_object(self.tracker.run_id)
         self.state.run_name = run_name
@@ -120,10 +121,15 @@ class Trainer:
     def train(self) -> int:
         cfg, env, sched = self.cfg, self.env, self.schedule
         stop = sched.stop_step
-        if self.state.step >= stop:
-            log.info("nothing to do: the run is at step %d of %d", self.state.step, stop)
-            return EXIT_OK
         console = Console(stop, self.state.step, cfg.tracking.log_every_steps, env.is_main)
+        if self.state.step >= stop:
+            # The final checkpoint exists, but what follows it may not have run: a job killed during
+            # its final validation, or preempted at its last step by an older version, is requeued
+            # into this branch. Finishing here is idempotent for a run that did complete.
+            log.info("nothing to train: the run is at step %d of %d", self.state.step, stop)
+            self._final_validation()
+            self._finish(console, "FINISHED")
+            return EXIT_OK
         last_saved = self.state.step
         try:
             while self.state.step < stop:  # re-entered only after a rollback
@@ -139,13 +145,16 @@ class Trainer:
                         self.state.step, self.state.samples_seen = step + 1, sched.samples_seen(step + 1)
                         self.state.stream = stream.state_dict()
                         m.update(step=step + 1, data_wait=data_wait, step_time=time.perf_counter() - t_data)
+                        preempt = m.pop("preempt", None)  # agreed on in the step's metrics reduction
                         rollback = self._account(m)
                         self._log(m, console)
                         if rollback:
                             break
-                        if self._epoch_end(step + 1):
+                        validated = self._epoch_end(step + 1)
+                        if validated:
                             self._validate(step + 1)
-                        preempt = env.any(self._preempt_signal is not None)  # one rank's signal stops all
+                        if preempt is None or validated:  # a skipped step had no reduction; a signal may come during validation
+                            preempt = env.any(self._preempt_signal is not None)  # one rank's signal stops all
                         done = self.state.step >= stop
                         if preempt or done or self.state.step % cfg.checkpoint.every_steps == 0:
                             if self.state.step != last_saved:
@@ -153,7 +162,9 @@ class Trainer:
                                 last_saved = self.state.step
                             # a signal that arrived during the save is honoured now: no extra step, no second save
                             preempt = preempt or env.any(self._preempt_signal is not None)
-                        if preempt:
+                        # The last step's checkpoint is saved either way; a requeue would find nothing
+                        # to train, so finish (final validation, tracking run closed) instead.
+                        if preempt and not done:
                             return self._preempted(console)
                         if done:
                             break
@@ -163,8 +174,7 @@ class Trainer:
                 if self.state.consecutive_skips >= cfg.checkpoint.rollback_after_skips:
                     self._rollback()
                     last_saved = self.state.step
-            if cfg.validation.enabled and self.validator.available and self._last_full_val != self.state.step:
-                self._validate(self.state.step, full=True)
+            self._final_validation()
             self._finish(console, "FINISHED")
             return EXIT_OK
         except Diverged as e:
@@ -181,26 +191,31 @@ class Trainer:
         are untouched. The check is one all-reduce of a flag per micro-batch.
         """
         n = len(micro_batches)
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, dice, ce summed over micro-batches
+        sums = None  # loss, dice, ce summed over micro-batches, kept on the device: read once per step
         for i, mb in enumerate(micro_batches):
             with self.backend.accumulate(last=i == n - 1):
                 outputs = self.backend.forward(mb["image"])
                 loss, terms = self.loss_fn(outputs, mb["targets"])  # fp32, autocast off inside
                 if self.faults.nan_loss(step):
                     loss = loss * float("nan")
-                local_ok = bool(torch.isfinite(loss).item())
-                if self.env.any(not local_ok):
+                # Decided before this micro-batch's backward: DeepSpeed and DDP reduce gradients
+                # inside backward, so a non-finite loss must stop every rank before any of them does.
+                local_bad = ~torch.isfinite(loss)
+                if self.env.any_tensor(local_bad):
                     self.backend.discard_grads()
-                    if not local_ok:
+                    if bool(local_bad):
                         idx = mb.get("sample_index")
                         log.warning("rank %d: non-finite loss at step %d, sample indices %s", self.env.rank, step + 1,
                                     None if idx is None else idx.tolist())
                     return {"skipped": "nonfinite_loss"}
                 self.backend.backward(loss)
-            sums += torch.tensor([loss.item(), terms["dice"].item(), terms["ce"].item()], dtype=torch.float64)
+            terms_now = torch.stack([loss.detach(), terms["dice"].detach(), terms["ce"].detach()]).double()
+            sums = terms_now if sums is None else sums + terms_now
         grad_norm, reason = self.backend.step()
-        loss, dice, ce = (v / self.env.world_size for v in self.env.all_reduce((sums / n).tolist(), "sum"))
-        out = {"loss": loss, "dice": dice, "ce": ce, "grad_norm": grad_norm}
+        # One reduction for the step's metrics and the preemption flag (a sum > 0: some rank got a signal).
+        totals = self.env.all_reduce((sums / n).tolist() + [float(self._preempt_signal is not None)], "sum")
+        loss, dice, ce = (v / self.env.world_size for v in totals[:3])
+        out = {"loss": loss, "dice": dice, "ce": ce, "grad_norm": grad_norm, "preempt": totals[3] > 0}
         if reason in ("nonfinite_grad", "loss_scale"):
             out["skipped"] = reason
         elif reason:
@@ -244,14 +259,9 @@ class Trainer:
         if self.env.is_main:
             log.error("%d consecutive non-finite steps at step %d: rolling back to %s",
                       self.state.consecutive_skips, bad_step, target)
-        stage = self.cfg.distributed.zero_stage if self.cfg.distributed.backend == "deepspeed" else None
-        plan = self.ckpt.plan(target, self.cfg.distributed.backend, stage)
-        reader = plan.reader() if plan.mode != "native" else None
-        if reader is not None:  # in-place: the wrapped module shares the plain module's tensors
-            with torch.no_grad():
-                self.backend.module.load_state_dict(reader.state_dict(), strict=True)
+        plan = self._plan(target)
         keep = (self.state.skipped_nonfinite, self.state.mlflow_run_id)
-        self._restore(plan, reader)
+        self._restore(plan)
         self.state.skipped_nonfinite, self.state.mlflow_run_id = keep
         self.state.rollbacks = history + [record]
         if self.env.is_main:
@@ -259,13 +269,31 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
             self.metrics.write({"kind": "rollback", **record})
 
-    def _restore(self, plan: ResumePlan, reader) -> None:
+    def _zero_stage(self) -> int | None:
+        return self.cfg.distributed.zero_stage if self.cfg.distributed.backend == "deepspeed" else None
+
+    def _plan(self, path: Path) -> ResumePlan:
+        return self.ckpt.plan(path, self.cfg.distributed.backend, self._zero_stage())
+
+    def _restore(self, plan: ResumePlan) -> None:
+        """Load a checkpoint into the built backend: at start (resume) and on a rollback alike."""
         env = self.env
         if plan.mode == "native":
             self.backend.load_native(str(plan.path / "native"))
         else:
-            self.backend.load_momentum(reader.momentum)
-            reader.close()
+            # Through the backend, not module.load_state_dict: sharded parameters and ZeRO's fp32
+            # master copy must be written too, or the next step undoes the load.
+            reader = plan.reader()
+            try:
+                model_names = [n for n, _ in self.backend.module.named_parameters()]
+                missing = sorted(set(model_names) - set(reader.names()))
+                if missing:
+                    raise CheckpointError(f"{plan.path}: no saved values for {len(missing)} parameter(s) of this "
+                                          f"model, e.g. {missing[:3]}; the checkpoint is of another model.* configuration")
+                self.backend.load_params(reader.param)
+                self.backend.load_momentum(reader.momentum)
+            finally:
+                reader.close()
         saved = plan.state
         same_topology = saved.world_size == env.world_size and saved.backend == self.cfg.distributed.backend
         if same_topology:
@@ -281,7 +309,7 @@ class Trainer:
         self.state = saved
         self.state.step = step
         self.state.consecutive_skips = 0
-        norms = self._state_norms() if os.environ.get("STUNET_LOG_RESUME_NORMS") else {}
+        norms = state_norms(self.backend, env) if os.environ.get("STUNET_LOG_RESUME_NORMS") else {}
         if env.is_main:
             log.info("resumed from %s at step %d (%d samples; %s, %s)", plan.path, step, saved.samples_seen,
                      plan.mode, plan.reason)
@@ -289,17 +317,6 @@ class Trainer:
             self.metrics.write(
                 {"kind": "resume", "step": step, "from": str(plan.path), "mode": plan.mode,
                  "saved_world_size": saved.world_size, "world_size": env.world_size, "saved_norms": saved.norms, **norms})
-
-    def _state_norms(self) -> dict:
-        """Global sums of squares of params and momentum (collective; resume diagnostics)."""
-        sums = [0.0, 0.0]
-        names = {n for n, _ in self.backend.module.named_parameters()}
-        mine = {n for i, n in enumerate(sorted(names)) if i % self.env.world_size == self.env.rank}
-        for _, p, mom in self.backend.iter_full_state(mine):
-            sums[0] += float(p.double().pow(2).sum())
-            sums[1] += 0.0 if mom is None else float(mom.double().pow(2).sum())
-        sums = self.env.all_reduce(sums, "sum")
-        return {"param_sq": sums[0], "momentum_sq": sums[1]}
 
     def _save(self) -> None:
         self.state.elapsed_s += time.time() - self._t_start
@@ -342,13 +359,24 @@ class Trainer:
             if self.env.is_main:
                 self.metrics.write({"kind": "pseudo_dice", "step": step, "epoch": epoch, "mean_dice": result["mean_dice"]})
                 self.tracker.log_metrics({"pseudo_dice": result["mean_dice"]}, step)
-                plot_progress(self.metrics.history, self.run_dir / "plots" / "progress.png")
+                # no plot here: progress.png is redrawn at full validations and at the end, not every
+                # epoch while the other ranks wait at the next collective
+
+    def _final_validation(self) -> None:
+        """Full validation at the final step unless it ran, here or (per metrics.jsonl) in an earlier process."""
+        step = self.state.step
+        if not (self.cfg.validation.enabled and self.validator.available) or self._last_full_val == step:
+            return
+        # only rank 0 keeps the metrics history; any() makes its answer everyone's
+        ran_before = self.env.any(any(r.get("kind") == "val" and r.get("step") == step for r in self.metrics.history))
+        if not ran_before:
+            self._validate(step, full=True)
 
     def _log(self, m: dict, console: Console) -> None:
         cfg, sched, env = self.cfg, self.schedule, self.env
         step = m["step"]
         if os.environ.get("STUNET_LOG_PARAM_NORMS"):  # tests: show that skipped steps change nothing
-            m.update(self._state_norms())
+            m.update(state_norms(self.backend, self.env))
         if not env.is_main:
             return
         dt = max(m["step_time"], 1e-9)
@@ -363,8 +391,8 @@ class Trainer:
         for key in ("loss", "dice", "ce", "grad_norm", "skipped", "warning", "param_sq", "momentum_sq"):
             if key in m:
                 rec[key] = m[key]
-        if "loss" in m:  # single steps are noisy (one global batch); the mean over the log interval is not
-            self._recent_losses = (getattr(self, "_recent_losses", []) + [m["loss"]])[-cfg.tracking.log_every_steps:]
+        if "loss" in m:
+            self._recent_losses.append(m["loss"])
             rec["loss_avg"] = sum(self._recent_losses) / len(self._recent_losses)
             rec["loss_n"] = len(self._recent_losses)
         if self.backend.device.type == "cuda":
@@ -445,9 +473,9 @@ class Trainer:
     def _write_run_files(self, argv: list[str] | None) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_mod.save_config(self.cfg, self.run_dir / "config.yaml")
-        rev = git_revision()
+        rev = self.git_revision
         (self.run_dir / "git_revision.txt").write_text((rev or "unknown") + "\n")
-        command = launch_command(argv)
+        command = launch_command(argv, self.env.launcher)
         (self.run_dir / "launch_command.txt").write_text(command + "\n")
         record = {"time": time.time(), "host": hostname(), "command": command, "git_revision": rev,
                   "world_size": self.env.world_size, "launcher": self.env.launcher,
@@ -479,33 +507,26 @@ def class_names(cfg) -> list[str]:
     return ["background"] + [f"class_{i}" for i in range(1, cfg.model.num_classes)]
 
 
-def git_revision() -> str | None:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        if rev.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return rev.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+def launch_command(argv: list[str] | None, launcher: str = "single") -> str:
+    """The command as launched, e.g. 'torchrun --nproc_per_node=8 --nnodes=1 -m stunet_scale.train --config ...'.
 
-
-def launch_command(argv: list[str] | None) -> str:
-    """The command as launched, e.g. 'torchrun --nproc_per_node 8 -m stunet_scale.train --config ...'."""
+    ``launcher`` is DistEnv.launcher (single | torchrun | accelerate | slurm).
+    """
     import shlex
 
     args = sys.argv if argv is None else argv
-    launcher = os.environ.get("STUNET_LAUNCH_COMMAND")  # set by slurm/launch scripts that know better
-    if launcher:
-        return launcher
+    given = os.environ.get("STUNET_LAUNCH_COMMAND")  # set by slurm/launch scripts that know better
+    if given:
+        return given
     prefix = []
-    if os.environ.get("ACCELERATE_DYNAMO_BACKEND") is not None or any(k.startswith("ACCELERATE_") for k in os.environ):
+    if launcher == "accelerate":
         prefix = ["accelerate", "launch"]
-    elif "TORCHELASTIC_RUN_ID" in os.environ:
+    elif launcher == "torchrun":
+        local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
         prefix = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}",
-                  f"--nnodes={int(os.environ.get('WORLD_SIZE', '1')) // max(int(os.environ.get('LOCAL_WORLD_SIZE', '1')), 1)}"]
+                  f"--nnodes={int(os.environ.get('WORLD_SIZE', '1')) // local}"]
+    elif launcher == "slurm":
+        prefix = ["srun"]
     return " ".join(shlex.quote(a) for a in prefix + list(args))
 
 

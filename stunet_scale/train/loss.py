@@ -19,6 +19,7 @@ and autocast is switched off here (tests/test_train_loss.py checks both).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -91,7 +92,12 @@ class DiceCELoss:
             raise ValueError(f"{len(outputs)} network outputs but {len(targets)} targets")
         if len(weights) != len(outputs):
             raise ValueError(f"{len(outputs)} network outputs but {len(weights)} loss.deep_supervision_weights")
-        with torch.autocast(outputs[0].device.type, enabled=False):
+        # Devices without autocast (meta, where `stunet-scale plan` runs this loss to measure what it
+        # saves for backward) reject even torch.autocast(enabled=False); nothing can be autocast
+        # there, so there is nothing to switch off.
+        dev = outputs[0].device.type
+        guard = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+        with guard:
             total, terms = None, {}
             for i, (out, tgt, w) in enumerate(zip(outputs, targets, weights)):
                 # Zero-weighted outputs still enter the graph (times 0), so every parameter gets a

@@ -2,9 +2,11 @@
 
 The rule that keeps sharded runs alive: under ZeRO-3 and FSDP2 every forward is a collective
 (parameters are all-gathered per module), so every rank must run exactly the same number of
-forwards, whatever cases it got. Each rank counts the forwards its cases need
-(``inference.count_forwards``), the ranks agree on the maximum, and the last case of each rank
-(or a dummy window, for a rank without cases) is padded to it with ``min_forwards``.
+forwards, whatever cases it got. Rank 0 lists the cases and their shapes and broadcasts them, so
+every rank works from the same list; from the shapes each rank counts the forwards of every rank's
+cases (``inference.count_forwards``), and the last case of each rank (or a dummy window, for a rank
+without cases) is padded to the maximum with ``min_forwards``. Cases and plan never change during a
+run, so both are computed once.
 
 Dice per class per case: 2TP / (2TP + FP + FN) on the argmax, NaN (left out of the mean) where
 the class is absent from both ground truth and prediction; averaged over cases, then over classes.
@@ -67,13 +69,47 @@ class Validator:
         self.num_classes = cfg.model.num_classes
         v = cfg.validation
         self.mirror_axes = tuple(cfg.augmentation.mirror_axes) if v.mirroring else ()
-        try:
-            cases = list(data.list_validation_cases(cfg))
-        except Exception as e:  # noqa: BLE001 - a store without a validation split still trains
-            log.warning("no validation cases (%s: %s); validation is off", e.__class__.__name__, e)
-            cases = []
+        # Listed on rank 0 only and broadcast (collective): ranks that listed for themselves could
+        # disagree (a transient read error swallowed on one rank), and then their validation
+        # collectives would not match and the job would hang.
+        cases = self._list_cases() if env.is_main else None
+        cases = env.broadcast_object(cases)
         self.cases = cases[: v.max_cases] if v.max_cases else cases
         self._cache: tuple[str, tuple] | None = None
+        self._plan: list[int] | None = None  # this rank's min_forwards per case, once computed
+
+    def _list_cases(self) -> list[str]:
+        try:
+            return list(self.data.list_validation_cases(self.cfg))
+        except Exception as e:  # noqa: BLE001 - a store without a validation split still trains
+            log.warning("no validation cases (%s: %s); validation is off", e.__class__.__name__, e)
+            return []
+
+    def _case_shapes(self) -> list[tuple[int, ...]]:
+        """Spatial shape of every validation case (rank 0): from the store's manifest when the data
+        module has a store (the shipped loader), else by loading the case."""
+        open_store = getattr(self.data, "open_checked_store", None)
+        if open_store is not None:
+            store = open_store(self.cfg, need="any")
+            return [tuple(int(x) for x in store.meta(c)["shape"][-3:]) for c in self.cases]
+        return [tuple(self._load(c)[1].shape) for c in self.cases]
+
+    def my_forward_plan(self) -> list[int]:
+        """This rank's ``min_forwards`` per case of its share (collective the first time)."""
+        if self._plan is None:
+            shapes = None
+            if self.env.is_main:
+                try:
+                    shapes = self._case_shapes()
+                except Exception as e:  # noqa: BLE001 - re-raised on every rank below, not only here
+                    shapes = f"{e.__class__.__name__}: {e}"
+            shapes = self.env.broadcast_object(shapes)
+            if isinstance(shapes, str):  # every rank fails alike instead of the others waiting for rank 0
+                raise RuntimeError(f"validation: reading the validation cases' shapes failed on rank 0 ({shapes})")
+            v, patch, world = self.cfg.validation, list(self.cfg.data.patch_size), self.env.world_size
+            counts = [count_forwards(shape, patch, v.step_size, self.mirror_axes) for shape in shapes]
+            self._plan = forward_plan([counts[r::world] for r in range(world)])[self.env.rank]
+        return self._plan
 
     @property
     def available(self) -> bool:
@@ -94,11 +130,7 @@ class Validator:
         """Sliding-window Dice on this rank's share of the validation cases (collective)."""
         v, patch = self.cfg.validation, list(self.cfg.data.patch_size)
         mine = self.cases[self.env.rank::self.env.world_size]
-        counts = []
-        for case_id in mine:
-            image, _, _ = self._load(case_id)
-            counts.append(count_forwards(image.shape[1:], patch, v.step_size, self.mirror_axes))
-        plan = forward_plan(self.env.all_gather_object(counts))[self.env.rank]
+        plan = self.my_forward_plan()
         dice_sum = torch.zeros(self.num_classes, dtype=torch.float64)
         dice_n = torch.zeros(self.num_classes, dtype=torch.float64)
         preview = None
