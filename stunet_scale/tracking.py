@@ -269,6 +269,23 @@ def format_duration(seconds: float) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory.
+
+    VmHWM, not ``getrusage().ru_maxrss``: Linux carries a parent's high-water mark over exec (a
+    vfork'd child shares the parent's address space until it execs), so a process started from a
+    large one (pytest, a notebook) would report its parent's peak as its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def _plt():
     import matplotlib
 

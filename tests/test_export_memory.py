@@ -2,8 +2,8 @@
 
 Measured in fresh subprocesses (the peak RSS of this pytest process says nothing): one writes an
 STU-Net-B checkpoint (233 MB fp32), another imports everything, notes its resident size, exports,
-and reports its peak resident size (``ru_maxrss``, which includes torch's allocations that
-tracemalloc cannot see, and memory-mapped pages while they are mapped).
+and reports its peak resident size (``VmHWM``, which includes torch's allocations that tracemalloc
+cannot see, and memory-mapped pages while they are mapped).
 """
 
 from __future__ import annotations
@@ -41,19 +41,20 @@ WRITE_SOURCE = textwrap.dedent("""
 """)
 
 EXPORT = textwrap.dedent("""
-    import json, resource, sys, tempfile
+    import json, sys, tempfile
     from pathlib import Path
     import psutil
     sys.path.insert(0, "tests")
     from export_fixtures import write_source
     from stunet_scale.export import export
+    from stunet_scale.tracking import peak_rss_bytes
     # Warm-up on a tiny model: lazy imports and one-time allocations (the first nn.Module build
     # alone costs ~75 MB) are paid before the baseline, so what is measured scales with the model.
     with tempfile.TemporaryDirectory() as tmp:
         export(write_source(Path(tmp) / "tiny.pth")[0], Path(tmp) / "out", log=lambda *a: None)
     base = psutil.Process().memory_info().rss
     export(sys.argv[1], sys.argv[2], verify=sys.argv[3] == "1", log=lambda *a: None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss_bytes()  # VmHWM: ru_maxrss would report the big pytest parent's peak
     print(json.dumps({"base": base, "peak": peak}))
 """)
 
@@ -71,7 +72,7 @@ def base_source(tmp_path_factory):
     return path, int(done.stdout.split()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc/self/status (Linux only)")
 @pytest.mark.parametrize("verify", [True, False])
 def test_export_peak_memory_is_the_model_plus_one_file(base_source, tmp_path, verify):
     source, fp32 = base_source

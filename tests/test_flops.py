@@ -32,8 +32,8 @@ def test_flops_scale_with_patch_and_batch():
 def test_counting_h_does_not_materialise_weights():
     # A fresh interpreter so earlier tests' allocations don't hide the peak. H in fp32 is 5.8 GB.
     code = (
-        "import resource; from stunet_scale.models import forward_flops; forward_flops('H'); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "from stunet_scale.models import forward_flops; from stunet_scale.tracking import peak_rss_bytes; "
+        "forward_flops('H'); print(peak_rss_bytes() // 1024)"
     )
     peak_kb = int(subprocess.check_output([sys.executable, "-c", code], text=True).strip().splitlines()[-1])
     assert peak_kb < 1_500_000, f"peak RSS {peak_kb / 1e6:.2f} GB while counting H"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import resource
 import time
 
 # Dense bf16 peak of common GPUs (for MFU); unknown devices report no MFU.
@@ -47,6 +46,7 @@ def _measure(kind: str, opts: dict) -> dict:
     from ..models import build_stunet, train_step_flops
     from ..parallel.activation_checkpointing import apply_activation_checkpointing
     from ..train.loss import DiceCELoss
+    from ..tracking import peak_rss_bytes
 
     device = torch.device(opts["device"])
     if opts["threads"]:
@@ -143,7 +143,7 @@ def _measure(kind: str, opts: dict) -> dict:
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
         result["mfu"] = result["tflops"] / peak if peak else None
     else:
-        result.update(peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        result.update(peak_memory_bytes=peak_rss_bytes(),
                       memory_kind="peak RSS of the process (CPU)")
     return result
 

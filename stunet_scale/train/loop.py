@@ -16,7 +16,6 @@ import importlib
 import json
 import logging
 import os
-import resource
 import signal
 import sys
 import threading
@@ -35,7 +34,8 @@ from ..config import TrainConfig, flatten, world_batch_arithmetic
 from ..models import build_stunet, train_step_flops
 from ..parallel.backend import build_backend
 from ..parallel.distributed import check_cudnn_conv3d, hostname, init_distributed, shutdown
-from ..tracking import Console, MetricsLog, Tracker, git_revision, plot_class_dice, plot_preview, plot_progress
+from ..tracking import (Console, MetricsLog, Tracker, git_revision, peak_rss_bytes, plot_class_dice, plot_preview,
+                        plot_progress)
 from . import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
 from .faults import Faults
 from .loss import DiceCELoss
@@ -531,7 +531,7 @@ def launch_command(argv: list[str] | None, launcher: str = "single") -> str:
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    return peak_rss_bytes() / 2**30
 
 
 def run(cfg: TrainConfig, data=None, argv: list[str] | None = None) -> int:
