@@ -186,15 +186,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def shutdown(env: DistEnv, barrier: bool = False) -> None:
-    """Tear the process group down. ``barrier=True`` (clean exits only) first waits for every
-    rank: a rank that destroys its gloo/NCCL group while a peer is still inside a collective or a
-    checkpoint write can abort either process ("terminate called without an active exception").
-    Never on error paths, where a peer may be gone and the barrier would wait for the timeout."""
+def shutdown(env: DistEnv) -> None:
     if dist.is_available() and dist.is_initialized():
         try:
-            if barrier:
-                dist.barrier()
             dist.destroy_process_group()
         except Exception:  # a peer may already be gone; never mask the real exit code
             pass

@@ -423,11 +423,11 @@ class Trainer:
                 (self.run_dir / "REQUEUE").unlink(missing_ok=True)
         self.tracker.close(status)
 
-    def close(self, clean: bool = False) -> None:
+    def close(self) -> None:
         for sig, old in getattr(self, "_old_handlers", {}).items():
             signal.signal(sig, old)
         self.backend.close()
-        shutdown(self.env, barrier=clean)
+        shutdown(self.env)
 
     # ============================================================================================
     # setup helpers
@@ -538,15 +538,13 @@ def run(cfg: TrainConfig, data=None, argv: list[str] | None = None) -> int:
     """Build, train, clean up; returns the process exit code (see stunet_scale.train)."""
     from . import EXIT_NO_VALID_CHECKPOINT
 
-    trainer, clean = None, False
+    trainer = None
     try:
         trainer = Trainer(cfg, data=data, argv=argv)
-        code = trainer.train()
-        clean = True  # every rank returns from train() together: its exits are collective decisions
-        return code
+        return trainer.train()
     except (NoValidCheckpoint, CheckpointError) as e:
         log.error("%s", e)
         return EXIT_NO_VALID_CHECKPOINT
     finally:
         if trainer is not None:
-            trainer.close(clean=clean)
+            trainer.close()
