@@ -238,6 +238,39 @@ def test_a_hung_peer_fails_within_the_collective_timeout(prepared_demo, tmp_path
     assert "timed out waiting 10000ms" in out.lower(), out[-3000:]
 
 
+_EXIT_SCRIPT = """
+import atexit, sys, torch, torch.distributed as dist
+from stunet_scale.parallel.distributed import exit_rank_process, init_distributed, shutdown
+env = init_distributed(timeout_s=60)
+t = torch.ones(4) * (env.rank + 1)
+dist.all_reduce(t)
+print(f"rank {env.rank} sum {int(t.sum())}")  # a pipe: block-buffered, lost unless flushed
+atexit.register(lambda: open(sys.argv[1] + f"/finalized_{env.rank}", "w").close())
+shutdown(env)
+sys.exit(exit_rank_process(3))
+"""
+
+
+def test_a_rank_process_ends_without_interpreter_finalization(tmp_path):
+    # The 2-rank teardown abort ("terminate called without an active exception": a gloo worker
+    # thread releasing a tensor while Python finalizes) cannot happen if finalization never runs.
+    # Both ranks must exit with the code given, print what they printed, and skip atexit.
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path)], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONPATH=str(REPO), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [3, 3], outs
+    assert all(f"rank {r} sum 12" in outs[r] for r in range(2)), outs
+    assert not list(tmp_path.glob("finalized_*")), "atexit ran: the interpreter was finalized"
+    # In one process there is nothing to race with: the code comes back and Python exits normally.
+    from stunet_scale.parallel.distributed import exit_rank_process
+
+    assert exit_rank_process(5) == 5
+
+
 def test_backend_checks_on_two_ranks(tmp_path):
     """Gradients under ZeRO-3 + checkpointing, precision policy, ZeRO 0 vs 3, discarding (tests/dist_checks.py)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

@@ -15,9 +15,11 @@ The trainer owns its process group instead of delegating it to accelerate or Dee
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,6 +179,8 @@ def init_distributed(timeout_s: int = 1800, run_dir: str | None = None, need_gro
             backend=backend, init_method="env://", rank=rank, world_size=world,
             timeout=datetime.timedelta(seconds=timeout_s), **kwargs,
         )
+    global _RAN_MULTI_RANK_GROUP
+    _RAN_MULTI_RANK_GROUP = _RAN_MULTI_RANK_GROUP or world > 1
     return DistEnv(rank, world, local_rank, device, info["launcher"], backend)
 
 
@@ -192,6 +196,33 @@ def shutdown(env: DistEnv) -> None:
             dist.destroy_process_group()
         except Exception:  # a peer may already be gone; never mask the real exit code
             pass
+
+
+_RAN_MULTI_RANK_GROUP = False  # set by init(); read by exit_rank_process()
+
+
+def exit_rank_process(code: int) -> int:
+    """End a rank process that ran a multi-rank group without interpreter finalization.
+
+    Call it after ``shutdown``, with every file closed. gloo's worker threads drop their last
+    reference to a finished collective a moment after ``wait()`` returns, and ``destroy_process_group``
+    does not join them (gloo has no ``shutdown``). If that reference is a tensor Python already
+    let go of, the drop needs the GIL; once Python has begun finalizing, taking it ends the thread
+    through a C++ ``noexcept`` frame: "terminate called without an active exception", SIGABRT,
+    and torchrun reports a clean run as failed (seen in CI on a 2-rank FSDP2 run; the same race is
+    described in pytorch/pytorch#179291). Nothing is left to finalize here, so skip it: flush our
+    streams and ``os._exit``. Single-process runs (and in-process callers such as the tests) get
+    ``code`` back unchanged.
+    """
+    if not _RAN_MULTI_RANK_GROUP:
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say there
+            pass
+    os._exit(code)
 
 
 def hostname() -> str:

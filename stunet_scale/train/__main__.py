@@ -62,13 +62,15 @@ def main(argv: list[str] | None = None, data=None) -> int:
         from ..planning import dry_run
 
         return int(dry_run(cfg, args.world_size) or 0)
+    from ..parallel.distributed import exit_rank_process
     from .loop import run
 
     try:
-        return run(cfg, data=data, argv=None if argv is None else ["python", "-m", "stunet_scale.train", *argv])
+        code = run(cfg, data=data, argv=None if argv is None else ["python", "-m", "stunet_scale.train", *argv])
     except ConfigError as e:
         logging.getLogger("stunet_scale.train").error("config error: %s", e)
-        return EXIT_CONFIG
+        code = EXIT_CONFIG
+    return exit_rank_process(code)  # multi-rank: ends the process here (see its docstring)
 
 
 if __name__ == "__main__":
