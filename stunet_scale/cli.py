@@ -133,16 +133,14 @@ def _add_prepare(sub) -> None:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from .data.demo import write_demo_dataset
+    from .data.demo import parse_shape_range, write_demo_dataset
 
     _setup_logging()
-    from .data.demo import parse_shape_range
-
     try:
         shape = parse_shape_range(args.shape) if args.shape else None
     except ValueError as e:
         print(f"demo-data: --shape: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     out = write_demo_dataset(args.out, cases=args.cases, seed=args.seed, classes=args.classes, shape=shape,
                              spacing=args.spacing)
     print(f"wrote {args.cases} demo case(s) to {out}")

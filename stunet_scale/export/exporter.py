@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..models.stunet import RELEASE_NAMES, STUNet
+from ..tracking import git_revision
 from .checkpoint_io import CheckpointError, Weights, read_weights, safe_torch_load
 from .hf_bundle import build_card, build_config_json, write_safetensors
 from .spec import generic_labels
@@ -139,7 +140,7 @@ def export(
         "nnunet_dataset_name": ds_name,
         "stunet_scale_version": _version(),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "exported_by_git_revision": _git_revision(),
+        "exported_by_git_revision": git_revision(),
     }
     result = ExportResult(out=out, name=name)
     files: dict[str, str] = {}  # relative path -> sha256, each file hashed once right after it is final
@@ -292,12 +293,6 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
-
-
-def _git_revision() -> str | None:
-    from ..tracking import git_revision  # one implementation, shared with the trainer's run records
-
-    return git_revision()
 
 
 def run_export(args) -> int:
