@@ -76,7 +76,7 @@ class DataConfig:
     root: str = knob("data_shards/demo", "prepared dataset directory (output of `stunet-scale prepare`)")
     format: Literal["zarr", "wds"] = knob("zarr", "reader: zarr (random access, exact resume) or wds (tar streaming)")
     patch_size: list[int] = knob([128, 128, 128], "training patch in voxels (each a multiple of the model's total pool stride)")
-    normalization: Literal["zscore", "ct"] = knob("zscore", "zscore = per-image z-score (STU-Net); ct = nnU-Net CT clip + global z-score")
+    normalization: Literal["zscore", "zscore_stored", "ct"] = knob("zscore", "zscore = per-image z-score over nnU-Net's nonzero box of the original image (STU-Net release); zscore_stored = over the stored crop; ct = nnU-Net CT clip + global z-score")
     oversample_foreground: float = knob(0.33, "nnU-Net rule: the last round(b*p) samples of each batch are forced foreground")
     case_weighting: Literal["uniform", "split", "class_rarity"] = knob("uniform", "how cases are drawn: uniform; split = each train split gets split_weights' share; class_rarity = a uniformly drawn class, then a case containing it")
     split_weights: list[float] = knob([], "case_weighting=split: one weight per data.train_splits entry; [] = equal shares")

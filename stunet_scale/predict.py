@@ -8,10 +8,11 @@ for a released STU-Net file the paper's: 1.5 mm, per-image z-score, SimpleITK ax
 
 1. reorient to RAS (a flip/transpose, no interpolation) and, for the released models, transpose to
    (z, y, x) as nnU-Net v1 read images;
-2. crop to the region the training statistics covered (``body``: voxels > -500 HU, as the prepared
-   store; ``nonzero`` for nnU-Net-trained weights) and resample to the model spacing, with the
-   store's interpolation (``stunet_scale.data.preprocess``: the same code ``prepare`` runs);
-3. per-image z-score (or nnU-Net CT normalisation with the dataset statistics);
+2. crop to nnU-Net's nonzero box (for a CT the whole image; ``body``, voxels > -500 HU, for
+   models trained with ``data.normalization=zscore_stored``) and resample to the model spacing, with
+   the store's interpolation (``stunet_scale.data.preprocess``: the same code ``prepare`` runs);
+3. per-image z-score with nnU-Net's statistics of the original image over that box (or over the
+   stored crop for ``zscore_stored``, or nnU-Net CT normalisation with the dataset statistics);
 4. sliding-window inference with Gaussian weighting (``stunet_scale.inference``), optional mirroring
    TTA over the axes flipped in training, bf16 autocast on GPU, fp32 on CPU;
 5. logits resampled back linearly to the cropped grid and arg-maxed a few classes at a time (never
@@ -143,46 +144,72 @@ def preprocess(image: np.ndarray, affine: np.ndarray, spec) -> tuple[np.ndarray,
     zyx = spec.axis_order == "ras_zyx"
     target = list(spec.spacing)[::-1] if zyx else list(spec.spacing)  # geometry works in RAS (x, y, z)
     geometry, x, _ = stored_case(image, affine, target, spec.crop, image_method=spec.image_interpolation)
-    x = normalize(x, spec)
+    x = normalize(x, spec, original=image)
     if zyx:
         x = np.ascontiguousarray(x.transpose(0, 3, 2, 1))
     return x, geometry
 
 
-def normalize(x: np.ndarray, spec) -> np.ndarray:
-    """Per channel: z-score over the (cropped, resampled) image, or nnU-Net's CT scheme.
+def normalize(x: np.ndarray, spec, original: np.ndarray | None = None) -> np.ndarray:
+    """Per channel: the z-score the weights were trained with, or nnU-Net's CT scheme.
 
-    The training code's own functions, not a copy: the statistics ``prepare`` records
-    (``intensity_stats``), turned into (clip, scale, shift) by ``readers.normalization`` and applied
-    by ``augment.normalize_into``, which training and validation run. So the epsilon
-    (``std + 1e-8`` for the z-score, ``max(std, 1e-8)`` for CT), the float32 rounding of scale and
-    shift and the order of operations are those the weights saw.
+    ``spec.crop == "nonzero"`` (our default, and the release): nnU-Net's statistics of the
+    ``original`` image over its nonzero box (``preprocess.nonzero_zscore_stats``, what ``prepare``
+    records); any other crop: statistics of the stored-grid ``x`` itself (``zscore_stored``).
+    The training code's own functions, not a copy: the statistics become (clip, scale, shift) in
+    ``readers.normalization`` and are applied by ``augment.normalize_into``, which training and
+    validation run. So the epsilon, the float32 rounding of scale and shift and the order of
+    operations are those the weights saw.
     """
     from types import SimpleNamespace
 
     from .data.augment import normalize_into
-    from .data.preprocess import intensity_stats
+    from .data.preprocess import intensity_stats, nonzero_zscore_stats
     from .data.readers import normalization
 
     # normalization() reads the dataset statistics from a store; predict has them in the ModelSpec
     store = SimpleNamespace(intensity=spec.intensity_stats, root=f"model spec ({spec.normalization})")
-    norm = np.concatenate([
-        normalization(store, {"id": "input", "intensity": intensity_stats(x[c], None)}, spec.normalization, 1)
-        for c in range(x.shape[0])
-    ])
+    if spec.normalization == "zscore" and spec.crop == "nonzero":
+        if original is None:
+            raise ValueError("z-score over the nonzero box needs the original image (nnU-Net's statistics)")
+        mode, per_channel = "zscore", [{"nonzero": s} for s in nonzero_zscore_stats(original)]
+    else:
+        mode = "zscore_stored" if spec.normalization == "zscore" else spec.normalization
+        per_channel = [intensity_stats(x[c], None) for c in range(x.shape[0])]
+    norm = normalization(store, {"id": "input", "intensity_channels": per_channel}, mode, x.shape[0])
     out = torch.empty(x.shape, dtype=torch.float32)
     normalize_into(out, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(norm))
     return out.numpy()
 
 
-def logits_to_labels(logits: torch.Tensor, out_shape: Sequence[int], max_bytes: int = 512 << 20) -> torch.Tensor:
-    """Resample ``logits [C, X', Y', Z']`` linearly to ``out_shape`` and arg-max, a few classes at a time.
+def _resample_logits(chunk: torch.Tensor, out_shape: list[int], separate: int | None) -> torch.Tensor:
+    """``chunk [c, X', Y', Z']`` -> ``[c, *out_shape]``: edge-aligned linear, or, with a ``separate``
+    (thick-slice) axis, linear in-plane and nearest along that axis, as nnU-Net resamples
+    probabilities back (``order=1, order_z=0``) so thick slices are not blended into each other."""
+    if separate is None:
+        return F.interpolate(chunk[None].float(), size=out_shape, mode="trilinear", align_corners=False)[0]
+    from .data.preprocess import _nearest_index
+
+    moved = chunk.float().movedim(separate + 1, 1)  # [c, S, a, b]: the thick axis as channels
+    plane = [out_shape[a] for a in range(3) if a != separate]
+    if list(moved.shape[2:]) != plane:
+        moved = F.interpolate(moved, size=plane, mode="bilinear", align_corners=False)
+    if moved.shape[1] != out_shape[separate]:
+        idx = torch.from_numpy(_nearest_index(moved.shape[1], out_shape[separate])).to(moved.device)
+        moved = moved.index_select(1, idx)
+    return moved.movedim(1, separate + 1)
+
+
+def logits_to_labels(logits: torch.Tensor, out_shape: Sequence[int], max_bytes: int = 512 << 20,
+                     separate: int | None = None) -> torch.Tensor:
+    """Resample ``logits [C, X', Y', Z']`` to ``out_shape`` and arg-max, a few classes at a time.
 
     Equals ``argmax(F.interpolate(logits[None], out_shape, mode="trilinear"))`` (edge-aligned, the
-    convention of ``stunet_scale.data.preprocess``) without holding the full-resolution
-    ``[C, X, Y, Z]`` tensor: each chunk of classes is interpolated, then a running maximum keeps the
-    best class (the first one on ties, as ``argmax``). Peak extra memory: ``max_bytes`` or one class
-    at output size, plus 5 bytes per output voxel.
+    convention of ``stunet_scale.data.preprocess``), or with ``separate`` nnU-Net's thick-slice rule
+    (``_resample_logits``), without holding the full-resolution ``[C, X, Y, Z]`` tensor: each chunk
+    of classes is interpolated, then a running maximum keeps the best class (the first one on ties,
+    as ``argmax``). Peak extra memory: ``max_bytes`` or one class at output size, plus 5 bytes per
+    output voxel.
     """
     c = logits.shape[0]
     out_shape = [int(s) for s in out_shape]
@@ -193,7 +220,7 @@ def logits_to_labels(logits: torch.Tensor, out_shape: Sequence[int], max_bytes: 
     k = max(1, min(c, max_bytes // per_class))
     best = labels = None
     for c0 in range(0, c, k):
-        chunk = F.interpolate(logits[None, c0:c0 + k].float(), size=out_shape, mode="trilinear", align_corners=False)[0]
+        chunk = _resample_logits(logits[c0:c0 + k], out_shape, separate)
         value, index = chunk.max(0)
         index = (index + c0).to(dtype)
         if best is None:
@@ -228,13 +255,15 @@ class Runtime:
     progress: bool = True
 
 
-def segment(network: Callable, spec, image: np.ndarray, affine: np.ndarray, rt: Runtime) -> tuple[np.ndarray, dict]:
-    """Labels ``[x, y, z]`` in the file's voxel grid for ``image [C, x, y, z]`` (+ timing info)."""
+def network_logits(network: Callable, spec, image: np.ndarray, affine: np.ndarray, rt: Runtime):
+    """(logits ``[C, ...]`` on the network grid in the spec's axis order, network input, ``Geometry``).
+
+    What the network computes on a file-grid ``image [C, x, y, z]``: the tensors a downstream tool
+    (nnU-Net's ``predict_logits_from_preprocessed_data``) is compared against.
+    """
     from .inference import sliding_window_inference
 
-    t0 = time.time()
     x, geometry = preprocess(image, affine, spec)
-    t1 = time.time()
     tensor = torch.from_numpy(x)
     out_device = _out_device(rt.device, spec.num_classes, x.shape[1:])
     kwargs = dict(step_size=rt.step_size, mirror_axes=rt.mirror_axes, batch_size=rt.batch_size, device=rt.device,
@@ -248,14 +277,21 @@ def segment(network: Callable, spec, image: np.ndarray, affine: np.ndarray, rt: 
         log.warning("GPU out of memory for the logits of a %s volume; accumulating on the CPU instead", x.shape[1:])
         torch.cuda.empty_cache()
         logits = sliding_window_inference(network, tensor, spec.patch_size, out_device="cpu", **kwargs)
+    return logits, x, geometry
+
+
+def segment(network: Callable, spec, image: np.ndarray, affine: np.ndarray, rt: Runtime) -> tuple[np.ndarray, dict]:
+    """Labels ``[x, y, z]`` in the file's voxel grid for ``image [C, x, y, z]`` (+ timing info)."""
+    t1 = time.time()
+    logits, x, geometry = network_logits(network, spec, image, affine, rt)
     t2 = time.time()
     if spec.axis_order == "ras_zyx":
         logits = logits.permute(0, 3, 2, 1)
-    labels = logits_to_labels(logits, geometry.cropped_shape).cpu().numpy()
+    labels = logits_to_labels(logits, geometry.cropped_shape, separate=geometry.separate_axis).cpu().numpy()
     del logits
     out = restore_labels(labels, geometry)
-    info = {"network_shape": list(x.shape[1:]), "spacing": geometry.spacing, "preprocess_s": t1 - t0,
-            "inference_s": t2 - t1, "postprocess_s": time.time() - t2}
+    info = {"network_shape": list(x.shape[1:]), "spacing": geometry.spacing, "inference_s": t2 - t1,
+            "postprocess_s": time.time() - t2}
     return out, info
 
 
@@ -436,7 +472,7 @@ def predict(
             continue
         written.append(str(target))
         print(f"  {case}: {list(image.shape[1:])} -> network {info['network_shape']} -> {target.name} "
-              f"(prep {info['preprocess_s']:.1f} s, inference {info['inference_s']:.1f} s, "
+              f"(preprocess + inference {info['inference_s']:.1f} s, "
               f"restore {info['postprocess_s']:.1f} s)", flush=True)
     return {"written": written, "failed": failed, "labels_file": str(labels_file), "seconds": time.time() - t_start}
 

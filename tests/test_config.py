@@ -143,6 +143,16 @@ def test_pretrain_recipes_are_the_paper_recipe_per_size():
         # zeroed, normalised to sum 1 -> 8/15, 4/15, 2/15, 1/15, 0.
         assert cfg.loss.deep_supervision_weights == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0.0])
         assert cfg.data.oversample_foreground == 0.33
+        # The release's plans, in the axis order the model runs in (ours: RAS x, y, z; the
+        # release's: z, y, x with [1, 1, 2] last): a checkpoint exported from this recipe must
+        # compute, in the official fork built from the release plans, the function we trained.
+        from stunet_scale.export.axes import convert_spec
+        from stunet_scale.export.spec import RELEASED_POOL_STRIDES, spec_from_train_config
+
+        assert cfg.model.pool_strides == [s[::-1] for s in RELEASED_POOL_STRIDES]
+        spec = spec_from_train_config(dataclasses.asdict(cfg), manifest={})
+        assert spec.crop == "nonzero" and spec.normalization == "zscore"  # nnU-Net's nonCT statistics
+        assert convert_spec(spec, "ras_zyx").model["pool_strides"] == RELEASED_POOL_STRIDES
 
 
 def test_from_dict_rejects_non_mapping_section():

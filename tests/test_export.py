@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import OrderedDict
 
 import pytest
 import torch
 
 from stunet_scale.cli import main
 from stunet_scale.export import export, load_pretrained, read_weights
+from stunet_scale.export.axes import TRAINING_AXIS_ORDER, TRANSFER_AXIS_ORDER, to_axis_order
 from stunet_scale.export.exporter import reload_all
 from stunet_scale.export.nnunet_network import NETWORK_CLASS_NAME, STUNetForNNUNet
 
@@ -28,8 +30,15 @@ def exported(tmp_path_factory):
     return result, sd, spec
 
 
+def release_axes(sd, spec):
+    """What every export must hold: the trained (x, y, z) weights in the release's (z, y, x) convention."""
+    return to_axis_order(OrderedDict(sd), spec, TRANSFER_AXIS_ORDER)
+
+
 def test_every_format_reloads_bit_exact_with_released_keys(exported):
-    result, sd, _ = exported
+    result, trained, spec = exported
+    sd, _ = release_axes(trained, spec)
+    assert not torch.equal(sd["conv_blocks_context.0.0.conv1.weight"], trained["conv_blocks_context.0.0.conv1.weight"])
     out = result.out
     found = reload_all(out)
     assert sorted(found) == sorted([
@@ -52,12 +61,14 @@ def test_torch_layouts_match_nnunet_v1_and_v2(exported):
     v2 = torch.load(result.out / "stunet" / "checkpoint_final.pth", weights_only=True)
     assert NNUNET_CKPT_KEYS <= set(v2)
     assert v2["trainer_name"] == "nnUNetTrainer" and v2["init_args"]["configuration"] == "3d_fullres"
-    assert v2["inference_allowed_mirroring_axes"] == (0, 1) and v2["current_epoch"] == 2
+    # trained with flips of x and y = network axes 2 and 1 in the release's (z, y, x) order
+    assert v2["inference_allowed_mirroring_axes"] == (1, 2) and v2["current_epoch"] == 2
     assert result.name == "stunet_step120"  # epochs are fractional in this tiny run, so steps name it
 
 
 def test_nnunet_folder_plans_name_our_network(exported):
-    result, sd, spec = exported
+    result, trained, spec = exported
+    sd, _ = release_axes(trained, spec)
     folder = result.nnunet_folder
     plans = json.loads((folder / "plans.json").read_text())
     dataset = json.loads((folder / "dataset.json").read_text())
@@ -65,7 +76,7 @@ def test_nnunet_folder_plans_name_our_network(exported):
     assert conf["architecture"]["network_class_name"] == NETWORK_CLASS_NAME
     assert conf["spacing"] == [2.0, 2.0, 2.0] and conf["patch_size"] == [32, 32, 32]
     assert conf["normalization_schemes"] == ["ZScoreNormalization"]
-    assert plans["image_reader_writer"] == "NibabelIOWithReorient" and plans["transpose_forward"] == [2, 1, 0]
+    assert plans["image_reader_writer"] == "NibabelIOWithReorient" and plans["transpose_forward"] == [0, 1, 2]
     assert dataset["labels"] == {name: k for k, name in enumerate(TINY_LABELS)}
     # Built exactly as nnU-Net's get_network_from_plans builds it, the weights load strictly.
     net = STUNetForNNUNet(input_channels=1, num_classes=len(TINY_LABELS), deep_supervision=False,
@@ -95,15 +106,20 @@ def test_safetensors_config_and_card(exported):
 
 
 def test_every_format_loads_back_with_load_pretrained(exported):
-    result, sd, spec = exported
+    result, trained, spec = exported
+    sd, zyx_spec = release_axes(trained, spec)
     sources = [result.out, result.out / "hf", result.out / "hf" / "model.safetensors",
                result.out / "stunet" / f"{result.name}.model", result.out / "stunet" / "checkpoint_final.pth",
                result.nnunet_folder]
     for path in sources:
-        model = load_pretrained(path)
+        model = load_pretrained(path)  # as stored: the release's convention
+        assert model.spec.axis_order == TRANSFER_AXIS_ORDER, path
         assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items()), path
-        assert model.spec.labels == TINY_LABELS and model.spec.spacing == spec.spacing, path
-        assert model.spec.model_config == spec.model_config, path
+        assert model.spec.labels == TINY_LABELS and model.spec.spacing == zyx_spec.spacing, path
+        assert model.spec.model_config == zyx_spec.model_config, path
+        back = load_pretrained(path, axis_order=TRAINING_AXIS_ORDER)  # what we trained, bit for bit
+        assert all(torch.equal(back.state_dict()[k], v) for k, v in trained.items()), path
+        assert back.spec.model_config == spec.model_config and back.spec.mirror_axes == spec.mirror_axes, path
 
 
 def test_export_of_an_export_and_of_a_released_file(tmp_path, exported):
@@ -176,8 +192,8 @@ def test_nnunet_folder_without_our_spec_is_read_from_its_plans(tmp_path, exporte
     weights = read_weights(folder)
     assert weights.format == "nnunet-folder"
     assert weights.spec.labels == TINY_LABELS and weights.spec.spacing == spec.spacing
-    assert weights.spec.axis_order == "ras_xyz" and weights.spec.mirror_axes == [0, 1]
-    assert weights.spec.model_config == spec.model_config
+    assert weights.spec.axis_order == "ras_zyx" and weights.spec.mirror_axes == [1, 2]
+    assert weights.spec.model_config == release_axes(sd, spec)[1].model_config
 
 
 def test_nan_dice_is_written_as_null_and_the_json_is_strict(tmp_path):

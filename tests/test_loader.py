@@ -228,8 +228,15 @@ def test_validation_cases_are_normalised_like_training(prepared_demo):
     image, label, meta = load_validation_case(cfg, ids[0])
     assert image.dtype == np.float32 and image.shape == (1, *meta["shape"])
     assert label.dtype == np.int64 and label.shape == tuple(meta["shape"]) and label.max() > 0
-    # per-image z-score over the stored volume: mean 0, std 1
-    assert abs(float(image.mean())) < 1e-3 and abs(float(image.std()) - 1) < 1e-3
+    # default: nnU-Net's per-image z-score, statistics of the original image over its nonzero box
+    nz = meta["intensity"]["nonzero"]
+    stored, _, _ = load_validation_case(_cfg(prepared_demo, "data.normalization=zscore_stored"), ids[0])
+    raw = stored * meta["intensity"]["std"] + meta["intensity"]["mean"]  # back to HU
+    np.testing.assert_allclose(image, (raw - nz["mean"]) / nz["std"], atol=1e-3)
+    # zscore_stored: over the stored (body-cropped) volume: mean 0, std 1
+    assert abs(float(stored.mean())) < 1e-3 and abs(float(stored.std()) - 1) < 1e-3
+    # the demo phantoms have air around the body: nnU-Net's box includes it, the stored crop does not
+    assert nz["mean"] < meta["intensity"]["mean"] - 50
     # nnU-Net CT: clip to the pooled foreground 0.5/99.5 percentiles, z-score with the pooled stats
     fg = json.load(open(prepared_demo / "manifest.json"))["intensity"]["foreground"]
     ct_image, _, _ = load_validation_case(_cfg(prepared_demo, "data.normalization=ct"), ids[0])

@@ -105,6 +105,25 @@ def test_logits_to_labels_matches_trilinear_interpolation():
     assert torch.equal(logits_to_labels(logits, (9, 7, 11)), logits.argmax(0).to(torch.uint8))
 
 
+def test_thick_slice_logits_are_resampled_back_as_nnunet_does():
+    # Back to a 0.8 x 0.8 x 2.5 mm grid, nnU-Net resamples probabilities linearly in-plane and with
+    # nearest along the thick axis (order_z=0); trilinear everywhere disagrees at every slice border.
+    from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+
+    from stunet_scale.predict import _resample_logits
+
+    logits = torch.randn(4, 21, 19, 33, generator=torch.Generator().manual_seed(1))
+    out_shape = [40, 36, 20]
+    theirs = resample_data_or_seg_to_shape(logits.numpy(), out_shape, [1.5, 1.5, 1.5], [0.8, 0.8, 2.5],
+                                           is_seg=False, order=1, order_z=0, force_separate_z=None)
+    ours = _resample_logits(logits, out_shape, separate=2)
+    np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-5)
+    assert torch.equal(logits_to_labels(logits, out_shape, separate=2, max_bytes=40 * 36 * 20 * 4).long(),
+                       torch.from_numpy(theirs).argmax(0))
+    trilinear = F.interpolate(logits[None], size=out_shape, mode="trilinear", align_corners=False)[0]
+    assert np.abs(trilinear.numpy() - theirs).max() > 0.1  # the test would see the old rule
+
+
 def test_body_crop_keeps_air_as_background(tmp_path):
     # Air around the body is outside the crop the training statistics covered: it must come back as 0.
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -163,13 +182,15 @@ def demo_store(tmp_path_factory):
     return open_store(make_demo_store(tmp_path_factory.mktemp("norm"), cases=1, seed=3, format="zarr"))
 
 
-@pytest.mark.parametrize("mode", ["zscore", "ct"])
+@pytest.mark.parametrize("mode", ["zscore", "zscore_stored", "ct"])
 def test_normalisation_equals_the_training_path(demo_store, mode):
     # Training and validation normalise a stored int16 case with the manifest's statistics
-    # (readers.CaseHandle.norm + augment.normalize_into); predict, given the same array, must produce
-    # the same float32 values bit for bit (same statistics, epsilon, rounding and order of operations).
+    # (readers.CaseHandle.norm + augment.normalize_into); predict, given the same array (and, for
+    # zscore, the original file it computes nnU-Net's statistics from), must produce the same
+    # float32 values bit for bit (same statistics, epsilon, rounding and order of operations).
     from stunet_scale.data.augment import normalize_into
     from stunet_scale.data.readers import CaseHandle
+    from stunet_scale.data.sources import read_nifti
     from stunet_scale.export.spec import manifest_intensity_stats
     from stunet_scale.predict import normalize
 
@@ -180,11 +201,19 @@ def test_normalisation_equals_the_training_path(demo_store, mode):
     trained = torch.empty((1, *stored.shape), dtype=torch.float32)
     normalize_into(trained, torch.from_numpy(stored[None]), torch.from_numpy(handle.norm))
     stats = manifest_intensity_stats(demo_store.manifest) if mode == "ct" else None
-    spec = dataclasses.replace(threshold_spec(), normalization=mode, intensity_stats=stats)
-    ours = normalize(stored[None].astype(np.float32), spec)
+    spec = dataclasses.replace(threshold_spec(crop="nonzero" if mode == "zscore" else "body"),
+                               normalization="ct" if mode == "ct" else "zscore", intensity_stats=stats)
+    original = read_nifti(demo_store.root.parent / "raw" / cid / "ct.nii.gz", "image").data[None]
+    ours = normalize(stored[None].astype(np.float32), spec, original=original.astype(np.float32))
     assert ours.dtype == np.float32 and np.array_equal(ours, trained.numpy())
-    if mode == "zscore":  # the training epsilon (std + 1e-8), not max(std, 1e-8)
+    if mode == "zscore_stored":  # the stored crop's own statistics: zero mean, unit std
         assert abs(float(ours.mean())) < 1e-3 and abs(float(ours.std()) - 1) < 1e-3
+    if mode == "zscore":  # nnU-Net's: the original image over its nonzero box (air included)
+        img = original[0].astype(np.float64)
+        box = [np.flatnonzero((img != 0).any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+        region = img[box[0][0]:box[0][-1] + 1, box[1][0]:box[1][-1] + 1, box[2][0]:box[2][-1] + 1]
+        np.testing.assert_allclose(handle.norm[0, 2], 1 / region.std(), rtol=1e-6)
+        np.testing.assert_allclose(handle.norm[0, 3], -region.mean() / region.std(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

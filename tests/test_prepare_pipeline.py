@@ -50,7 +50,7 @@ def _manifest(out: Path) -> dict:
 
 def test_manifest_contract(prepared, raw):
     m = _manifest(prepared)
-    assert m["format"] == "stunet-scale-prepared" and m["format_version"] == 1
+    assert m["format"] == "stunet-scale-prepared" and m["format_version"] == 2
     assert m["source"] == {"path": str(raw.resolve()), "layout": "totalseg", "splits_from": "meta.csv", "num_cases": 4}
     assert m["class_map"]["name"] == "stunet" and m["class_map"]["labels"] == list(load_class_map("stunet").labels)
     # v2 data in STU-Net's v1 order: the 7 v1-only classes are missing everywhere, v2-only masks ignored
@@ -73,7 +73,9 @@ def test_manifest_contract(prepared, raw):
         assert np.allclose(np.asarray(e["affine"])[:3, :3] / e["spacing"], np.asarray(e["affine"])[:3, :3] / e["spacing"])
         assert set(g) >= {"original_shape", "original_affine", "original_spacing", "ornt", "crop_box"}
         assert e["intensity"]["std"] > 0 and e["intensity"]["foreground"]["percentile_99_5"] > 0
-        assert len(e["class_voxels"]) == len(labels) and sum(e["class_voxels"]) == int(np.prod(e["shape"]))
+        # v2's heart and spinal_cord have no STU-Net class: their voxels carry the ignore label
+        assert e["ignored_voxels"] > 0 and m["class_map"]["ignore_label"] == len(labels)
+        assert len(e["class_voxels"]) == len(labels) and sum(e["class_voxels"]) + e["ignored_voxels"] == int(np.prod(e["shape"]))
         assert labels.index("face") in e["missing_classes"] and labels.index("liver") in e["present_classes"]
         assert set(e["checksums"]) == {"image", "label", "fg_locations"}
     text = (prepared / "manifest.json").read_text()
@@ -91,7 +93,8 @@ def test_read_api(prepared):
         assert case.image.shape == tuple(case.meta["shape"]) and case.image.chunks == (64, 64, 64)
         assert case.image.fill_value == -1024
         lab = case.label[...]
-        assert np.array_equal(np.bincount(lab.ravel(), minlength=len(labels)), case.meta["class_voxels"])
+        counts = np.bincount(lab.ravel(), minlength=len(labels) + 1)  # + the ignore label
+        assert np.array_equal(counts[:len(labels)], case.meta["class_voxels"]) and counts[-1] == case.meta["ignored_voxels"]
         # the stored grid is RAS: patient right = larger x, superior = larger z
         where = lambda name: np.argwhere(lab == labels.index(name)).mean(axis=0)  # noqa: E731
         assert where("kidney_right")[0] > where("kidney_left")[0]
@@ -313,7 +316,7 @@ def test_nnunet_layout_matches_totalseg_layout(raw, tmp_path):
     for cid in ma["cases"]:
         assert ma["cases"][cid]["checksums"] == mb["cases"][cid]["checksums"]  # identical arrays
         assert ma["cases"][cid]["geometry"] == mb["cases"][cid]["geometry"]
-    # the same nnU-Net dataset in STU-Net's order: v2-only labels become background, v1-only are missing
+    # the same nnU-Net dataset in STU-Net's order: v2-only labels get the ignore label, v1-only are missing
     c = prepare_dataset(nn, tmp_path / "nn_stunet", classes="stunet", format="zarr")
     assert c["ok"] == 2
     mc = _manifest(tmp_path / "nn_stunet")
@@ -371,7 +374,7 @@ def one_case(raw, tmp_path_factory):
 @pytest.mark.parametrize("classes", ["totalseg-v1", "totalseg-v2"])
 def test_nnunet_layout_with_totalseg_class_maps(one_case, tmp_path, classes):
     # nnU-Net layout + --classes: dataset.json names are mapped onto the chosen map by name; names the
-    # map lacks become background (recorded as ignored), map classes dataset.json lacks are missing.
+    # map lacks get the ignore label (recorded as ignored), map classes dataset.json lacks are missing.
     ts, nn = one_case
     r = prepare_dataset(nn, tmp_path / "nn", classes=classes, format="zarr")
     ref = prepare_dataset(ts, tmp_path / "ts", classes=classes, format="zarr")
@@ -527,12 +530,13 @@ def test_class_volumes_preserved_in_ml(raw, tmp_path, prepared, label_interp):
     """Per-class volume (ml) on the stored 1.5 mm grid vs the raw masks (merged with the same
     overlap rule). A boundary can move by up to half an output voxel (0.75 mm) per face, so the
     bound is tighter for big structures; the phantoms' flat, axis-aligned faces are the worst case."""
-    if label_interp == "nearest":
+    if label_interp == "linear":  # prepare's default
         m = _manifest(prepared)
+        assert m["preprocessing"]["label_interpolation"] == "linear"
     else:
-        prepare_dataset(raw, tmp_path / "lin", classes="stunet", format="zarr", label_interpolation="linear",
+        prepare_dataset(raw, tmp_path / "nn", classes="stunet", format="zarr", label_interpolation="nearest",
                         image_interpolation="linear")
-        m = _manifest(tmp_path / "lin")
+        m = _manifest(tmp_path / "nn")
     labels = m["class_map"]["labels"]
     errors = []
     for cid, e in m["cases"].items():

@@ -56,10 +56,20 @@ def test_shard_reader_reads_what_zarr_reads(store):
 def test_normalisation_is_stunet_zscore_or_nnunet_ct(store):
     cid = store.case_ids(["train"])[0]
     meta = store.meta(cid)
+    # zscore (default): nnU-Net's statistics of the original image over its nonzero box
+    nz = meta["intensity"]["nonzero"]
     lo, hi, scale, shift = normalization(store, meta, "zscore")[0]
+    assert np.isinf(lo) and np.isinf(hi)
+    assert scale == pytest.approx(1 / max(nz["std"], 1e-8))
+    assert -1024 * scale + shift == pytest.approx((-1024 - nz["mean"]) / nz["std"], rel=1e-5)
+    # zscore_stored: the stored volume's own statistics (STU-Net v1's std + 1e-8)
+    lo, hi, scale, shift = normalization(store, meta, "zscore_stored")[0]
     assert np.isinf(lo) and np.isinf(hi)
     assert scale == pytest.approx(1 / (meta["intensity"]["std"] + 1e-8))
     assert -1024 * scale + shift == pytest.approx((-1024 - meta["intensity"]["mean"]) / meta["intensity"]["std"], rel=1e-5)
+    no_stats = {k: v for k, v in meta.items() if k != "intensity"}
+    with pytest.raises(Exception, match="no intensity statistics"):
+        normalization(store, no_stats, "zscore")
     fg = store.intensity["foreground"]
     lo, hi, scale, shift = normalization(store, meta, "ct")[0]
     assert (lo, hi) == pytest.approx((fg["percentile_00_5"], fg["percentile_99_5"]))

@@ -5,6 +5,20 @@ The JSON files beside this module are verbatim copies of TotalSegmentator's
 STU-Net's order is *not* TotalSegmentator's: it is background followed by the v1 names sorted
 with Python's ``sorted()`` (1 = adrenal_gland_left, 104 = vertebrae_T9). Released STU-Net heads
 use that order, so channel k of a released checkpoint means ``load_class_map("stunet").labels[k]``.
+
+Preparing data of one TotalSegmentator release for a map of the other (v2 data for STU-Net's v1
+head, the common case) follows ``TOTALSEG_V1_ONLY`` / ``TOTALSEG_V2_ONLY`` below, and never teaches
+"this organ is background" (``source_correspondence``):
+
+* a source class with a target class of the same name is mapped to it (97 of the names: TotalSegmentator
+  renamed nothing in the ``total`` task between v1 and v2);
+* a source class with no target class (v2 ``heart``, which covers v1's five heart classes; v2's new
+  classes such as ``vertebrae_S1`` or ``kidney_cyst_left``, whose voxels v1 may have counted in a
+  neighbour) gets the *ignore label*: the value ``len(labels)``, one above the last class, as nnU-Net
+  v2's ignore label. The loss and the validation Dice skip those voxels;
+* a target class no source file provides (v1 ``heart_atrium_left`` from v2 data) is *unannotated*
+  for the case (``missing_classes`` in the manifest): the loss marginalises it into background and
+  validation skips it, so predicting it is never penalised.
 """
 
 from __future__ import annotations
@@ -22,6 +36,44 @@ CLASS_MAP_FILES = {
     "totalseg-v1": ("totalsegmentator_v1.json", "v1", "TotalSegmentator v1, official ids (1 = spleen)"),
     "totalseg-v2": ("totalsegmentator_v2.json", "v2", "TotalSegmentator v2.0.1, official ids (1 = spleen)"),
     "stunet": ("stunet_label_orders.json", "v1", "STU-Net head order: background + sorted v1 names"),
+}
+
+
+# TotalSegmentator's own account of the v1 -> v2 change of the ``total`` task
+# (resources/improvements_in_v2.md, v2.0): six classes moved to the ``heartchambers_highres`` task and
+# ``face`` to the ``face`` task, one overall ``heart`` class and 19 new classes were added, and
+# "everything else should be identical" (same name, same structure). tests/test_class_map_fidelity.py
+# checks these two tables against the JSON files, so they cannot drift from the shipped maps.
+TOTALSEG_V1_ONLY = {
+    "heart_myocardium": "v2 total has only the overall class heart (chambers: v2 task heartchambers_highres)",
+    "heart_atrium_left": "v2 total has only the overall class heart (chambers: v2 task heartchambers_highres)",
+    "heart_ventricle_left": "v2 total has only the overall class heart (chambers: v2 task heartchambers_highres)",
+    "heart_atrium_right": "v2 total has only the overall class heart (chambers: v2 task heartchambers_highres)",
+    "heart_ventricle_right": "v2 total has only the overall class heart (chambers: v2 task heartchambers_highres)",
+    "pulmonary_artery": "moved to v2 task heartchambers_highres; its voxels are background (or heart) in v2 total",
+    "face": "moved to v2 task face; its voxels are background (or skull) in v2 total",
+}
+TOTALSEG_V2_ONLY = {
+    "heart": "covers v1 heart_myocardium + the four v1 chambers (a many-to-one merge: no single v1 class)",
+    "atrial_appendage_left": "part of v1 heart_atrium_left, which v2 data does not annotate",
+    "pulmonary_vein": "new in v2; v1 had no class (background or part of the heart)",
+    "superior_vena_cava": "new in v2; v1 had no class (background or part of the heart)",
+    "brachiocephalic_trunk": "new in v2; background in v1",
+    "subclavian_artery_right": "new in v2; background in v1",
+    "subclavian_artery_left": "new in v2; background in v1",
+    "common_carotid_artery_right": "new in v2; background in v1",
+    "common_carotid_artery_left": "new in v2; background in v1",
+    "brachiocephalic_vein_left": "new in v2; background in v1",
+    "brachiocephalic_vein_right": "new in v2; background in v1",
+    "vertebrae_S1": "new in v2; v1 may count it in sacrum",
+    "kidney_cyst_left": "new in v2; v1 may count cysts in kidney_left",
+    "kidney_cyst_right": "new in v2; v1 may count cysts in kidney_right",
+    "skull": "new in v2; background (or face) in v1",
+    "thyroid_gland": "new in v2; background in v1",
+    "prostate": "new in v2; background in v1",
+    "sternum": "new in v2; background in v1",
+    "costal_cartilages": "new in v2; background in v1",
+    "spinal_cord": "new in v2; background in v1",
 }
 
 
@@ -44,6 +96,11 @@ class ClassMap:
     @property
     def foreground(self) -> tuple[str, ...]:
         return self.labels[1:]
+
+    @property
+    def ignore_label(self) -> int:
+        """nnU-Net v2's ignore label: the value after the last class (never a network output)."""
+        return len(self.labels)
 
     def index(self, name: str) -> int:
         try:
@@ -91,3 +148,48 @@ def detect_class_map(mask_names: Iterable[str]) -> str:
             f"mask names do not match TotalSegmentator v1 or v2 (e.g. {stray[:5]}); pass --classes explicitly"
         )
     return best
+
+
+@dataclass(frozen=True)
+class Correspondence:
+    """How the classes of a dataset's masks land in a target class map (``source_correspondence``)."""
+
+    mapped: dict[str, str]  # source name -> target class of the same name
+    to_ignore: dict[str, str]  # source name -> why its voxels get the ignore label
+    unannotated: dict[str, str]  # target class -> why no source provides it
+
+
+def source_correspondence(source_names: Iterable[str], target: str) -> Correspondence:
+    """Map a dataset's class names (TotalSegmentator mask files, dataset.json labels) onto ``target``.
+
+    A name of ``target`` is mapped to itself. Any other name gets the ignore label: the
+    TotalSegmentator tables above give the reason, and a name they do not know (another task's
+    mask file, a user's extra label) is ignored too, because "no target class" says nothing about
+    whether its voxels are background in the target's sense. A target class no source name provides
+    is unannotated. Background is neither a source nor a target class here.
+    """
+    cmap = load_class_map(target)
+    known = set(cmap.foreground)
+    names = [n for n in dict.fromkeys(source_names) if n != "background"]
+    mapped = {n: n for n in names if n in known}
+    to_ignore = {}
+    for n in names:
+        if n in known:
+            continue
+        if n in TOTALSEG_V2_ONLY and cmap.totalseg_version == "v1":
+            to_ignore[n] = f"TotalSegmentator v2 only: {TOTALSEG_V2_ONLY[n]}"
+        elif n in TOTALSEG_V1_ONLY and cmap.totalseg_version == "v2":
+            to_ignore[n] = f"TotalSegmentator v1 only: {TOTALSEG_V1_ONLY[n]}"
+        else:
+            to_ignore[n] = f"not a class of map {target!r}"
+    unannotated = {}
+    for n in cmap.foreground:
+        if n in mapped:
+            continue
+        if n in TOTALSEG_V1_ONLY and cmap.totalseg_version == "v1":
+            unannotated[n] = f"TotalSegmentator v1 only: {TOTALSEG_V1_ONLY[n]}"
+        elif n in TOTALSEG_V2_ONLY and cmap.totalseg_version == "v2":
+            unannotated[n] = f"TotalSegmentator v2 only: {TOTALSEG_V2_ONLY[n]}"
+        else:
+            unannotated[n] = "no mask file / label of this name in the dataset"
+    return Correspondence(mapped, to_ignore, unannotated)

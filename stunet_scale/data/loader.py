@@ -8,7 +8,12 @@
         ckpt["data"] = stream.state_dict()      # {"seed", "step"}: all a Zarr resume needs
 
 Each micro-batch is ``{"image": float32 [m, C, *patch], "targets": [int64 [m, 1, *patch / s] per
-deep-supervision output, full resolution first], "sample_index": int64 [m]}`` on ``device``.
+deep-supervision output, full resolution first], "sample_index": int64 [m]}`` on ``device``, plus
+``"annotated"``: bool [m, num_classes] on the host (the loss picks the channels to merge from it
+without reading anything back from the device). Targets may hold the ignore label (value
+``num_classes``: voxels of a source class the class map lacks); ``annotated[b, k]`` is False where
+class k is unannotated in sample b's case (its mask file was missing). The loss skips the first
+and marginalises the second (``train/loss.py``).
 
 Where the work happens: DataLoader workers (``data.num_workers`` per rank, persistent, pinned
 memory, ``data.prefetch_factor`` micro-batches each) read raw int16/uint8 patches plus the
@@ -219,9 +224,15 @@ def finish(raw: dict, geometry: Geometry, device: torch.device, in_worker: bool 
                                    label_interpolation=geometry.label_interpolation, device=device, label_dtype=dtype,
                                    batched_spatial=getattr(geometry, "batched_spatial", None))
     index = raw["sample_index"]  # numpy: a worker sends it pickled, not in its own shared segment
+    annotated = raw.get("annotated")  # numpy bool [m, C] or None (a reader that does not know)
     if not in_worker:
         index = torch.as_tensor(index, dtype=torch.int64).to(device, non_blocking=True)
-    return {"image": image, "targets": targets, "sample_index": index}
+        if annotated is not None:
+            annotated = torch.as_tensor(annotated, dtype=torch.bool)  # stays on the host (see above)
+    out = {"image": image, "targets": targets, "sample_index": index}
+    if annotated is not None:
+        out["annotated"] = annotated
+    return out
 
 
 class _CountFrom(torch.utils.data.Sampler):
@@ -342,9 +353,12 @@ class TrainStream:
     def _to_device(self, item: dict) -> dict:
         if "image" in item:  # augmented in a worker
             dev = self.device
-            return {"image": item["image"].to(dev, non_blocking=True),
-                    "targets": [t.to(dev, non_blocking=True).long() for t in item["targets"]],
-                    "sample_index": torch.as_tensor(item["sample_index"], dtype=torch.int64).to(dev, non_blocking=True)}
+            out = {"image": item["image"].to(dev, non_blocking=True),
+                   "targets": [t.to(dev, non_blocking=True).long() for t in item["targets"]],
+                   "sample_index": torch.as_tensor(item["sample_index"], dtype=torch.int64).to(dev, non_blocking=True)}
+            if item.get("annotated") is not None:
+                out["annotated"] = torch.as_tensor(item["annotated"], dtype=torch.bool)  # host, as finish()
+            return out
         out = finish(item, self.geometry, self.device)  # nothing in ``out`` aliases the raw voxels
         if self.pool is not None:
             self.pool.release(item.get("slab"))

@@ -49,7 +49,8 @@ log = logging.getLogger("stunet_scale.prepare")
 FG_SAMPLES = 10_000  # foreground locations per class and intensity samples per case (nnU-Net)
 FG_MIN_COVERAGE = 0.01
 RETRIED_REASONS = ("PREPARE_ERROR", "WORKER_CRASHED")  # not a property of the input: try again on re-run
-OVERLAP_RULE = "masks are merged in label-value order; a higher label value overwrites a lower one where masks overlap"
+OVERLAP_RULE = ("masks are merged in label-value order; a higher label value overwrites a lower one where masks overlap; "
+                "masks without a class in the map go first, with the ignore label, so any class of the map overwrites them")
 
 
 @dataclass
@@ -61,7 +62,7 @@ class PrepareOptions:
     workers: int = 1
     threads: int | None = None  # gunzip threads per worker; default cores // workers
     image_interpolation: str = "cubic"  # cubic (order 3, nnU-Net) | linear
-    label_interpolation: str = "nearest"  # nearest | linear (nnU-Net per-label)
+    label_interpolation: str = "linear"  # linear (nnU-Net per-label, default) | nearest
     crop: str = "auto"  # auto (body for CT, nonzero otherwise) | body | nonzero | none
     cases_per_shard: int = 4
     shard_index: int | None = None
@@ -206,6 +207,7 @@ def preprocessing_params(ds: RawDataset, opts: PrepareOptions) -> dict:
         "anisotropy_threshold": pp.ANISO_THRESHOLD,
         "image_dtype": "int16" if ds.is_ct else "float32",
         "label_dtype": str(st.label_dtype(ds.num_classes)),
+        "ignore_label": ds.ignore_label,  # nnU-Net v2 semantics: one above the last class
         "overlap_rule": OVERLAP_RULE,
         "fg_locations": {"num_samples": FG_SAMPLES, "min_coverage": FG_MIN_COVERAGE},
         "cases_per_shard": opts.cases_per_shard,
@@ -269,8 +271,17 @@ def preprocess_case(loaded, ds: RawDataset, params: dict) -> tuple[dict, np.ndar
     lab_s = lab_s.astype(st.label_dtype(ds.num_classes), copy=False)
     counts = np.bincount(lab_s.ravel(), minlength=ds.num_classes)[: ds.num_classes]
     fg_rows, fg_ranges = pp.foreground_locations(lab_s, FG_SAMPLES, FG_MIN_COVERAGE, seed=_case_seed(loaded.case_id))
+    # The ignore label is not a class to oversample (a forced-foreground patch centred on v2's
+    # heart would teach nothing there). It is the highest value, so its rows are the table's last.
+    ignored_voxels = int(np.count_nonzero(lab_s == ds.ignore_label)) if ds.ignore_label in fg_ranges else 0
+    if ds.ignore_label in fg_ranges:
+        fg_rows = fg_rows[: fg_ranges.pop(ds.ignore_label)[0]]
     channels = [img_s] if img_s.ndim == 3 else list(img_s)
     stats = [pp.intensity_stats(c, lab_s) for c in channels]
+    # data.normalization=zscore (the default) uses nnU-Net's statistics of the original image, not
+    # of the stored crop: see pp.nonzero_zscore_stats and readers.normalization.
+    for s, nz in zip(stats, pp.nonzero_zscore_stats(loaded.image)):
+        s["nonzero"] = nz
     sample = pp.foreground_sample(channels[0], lab_s, FG_SAMPLES, seed=_case_seed(loaded.case_id))
     entry = {
         "id": loaded.case_id,
@@ -287,7 +298,8 @@ def preprocess_case(loaded, ds: RawDataset, params: dict) -> tuple[dict, np.ndar
         "clipped_voxels": clipped,
         "class_voxels": counts.astype(int).tolist(),
         "present_classes": [int(k) for k in np.flatnonzero(counts[1:]) + 1],
-        "missing_classes": sorted(int(k) for k in loaded.missing_classes),
+        "missing_classes": sorted(int(k) for k in loaded.missing_classes),  # unannotated in this case
+        "ignored_voxels": ignored_voxels,  # voxels with the ignore label (not in class_voxels)
         "ignored_masks": loaded.ignored_masks,
         "overlap_voxels": loaded.overlap_voxels,
         "fg_locations": {"rows": int(fg_rows.shape[0]), "ranges": {str(k): v for k, v in fg_ranges.items()}},
@@ -792,6 +804,9 @@ def finalize(ds: RawDataset, opts: PrepareOptions, params: dict, lay: Layout, pl
         "class_map": {
             "name": ds.class_map_name, "labels": ds.labels, "num_classes": n,
             "missing_in_every_case": missing_everywhere, "ignored_masks": ignored,
+            # voxels of a source class with no class in the map (ignored_masks) carry this value; a
+            # case's missing_classes are unannotated there. Loss and validation skip both.
+            "ignore_label": ds.ignore_label,
         },
         "preprocessing": params,
         "storage": {

@@ -326,10 +326,10 @@ def resample_labels(
     """Resample an integer label map ``[x, y, z]`` to ``new_shape``, keeping its dtype.
 
     ``nearest``: each output voxel takes the label of the input voxel its centre falls in.
-    ``linear``: nnU-Net's ``resize_segmentation(order=1)`` as installed with nnunetv2 2.8
-    (batchgenerators' ``_resample_seg_by_argmax``): every label's one-hot indicator is interpolated
-    linearly and each voxel takes the label with the highest score; an exact tie goes to the
-    nearest-neighbour label when it is one of the tied ones. Same result, but each foreground label
+    ``linear`` (``prepare``'s default): nnU-Net's ``resize_segmentation(order=1)`` as installed with
+    nnunetv2 2.8 (batchgenerators' ``_resample_seg_by_argmax``): every label's one-hot indicator is
+    interpolated linearly and each voxel takes the label with the highest score; an exact tie goes to
+    the nearest-neighbour label when it is one of the tied ones. Same result, but each foreground label
     is interpolated only inside its own bounding box (+1 voxel) and background's score is one full
     pass, which makes it 10-100x cheaper than one full pass per label for 100+ small structures.
     ``separate``: that axis is resampled with nearest after the in-plane step, as nnU-Net.
@@ -507,10 +507,10 @@ def to_stored_grid(
 ) -> np.ndarray:
     """File-grid ``array[..., x, y, z]`` -> stored grid: reorient, crop, resample.
 
-    ``kind``: ``image`` (``method`` cubic|linear) or ``labels`` (dtype kept, ``method``
-    nearest|linear). An image comes back as float32 when it is resampled and in its own dtype when the
-    grid already has the target spacing (the public TotalSegmentator is 1.5 mm): int16 HU then stays
-    int16 instead of taking a float32 copy. ``reoriented``: ``array`` is already in RAS (the caller
+    ``kind``: ``image`` (``method`` cubic|linear, default cubic) or ``labels`` (dtype kept, ``method``
+    linear|nearest, default linear = nnU-Net's per-label linear). An image comes back as float32 when
+    it is resampled and in its own dtype when the grid already has the target spacing (the public
+    TotalSegmentator is 1.5 mm): int16 HU then stays int16 instead of taking a float32 copy. ``reoriented``: ``array`` is already in RAS (the caller
     needed it to find the crop box), so only crop and resample are left.
     """
     if kind not in ("image", "labels"):
@@ -521,7 +521,7 @@ def to_stored_grid(
         return cropped
     if kind == "image":
         return resample_image(cropped, geometry.shape, method or "cubic", geometry.separate_axis)
-    return resample_labels(cropped, geometry.shape, method or "nearest", geometry.separate_axis)
+    return resample_labels(cropped, geometry.shape, method or "linear", geometry.separate_axis)
 
 
 def stored_case(
@@ -531,7 +531,7 @@ def stored_case(
     crop_mode: str,
     labels: np.ndarray | None = None,
     image_method: str = "cubic",
-    label_method: str = "nearest",
+    label_method: str = "linear",
 ) -> tuple[Geometry, np.ndarray, np.ndarray | None]:
     """The file -> stored-grid step shared by ``prepare`` (image + labels) and ``predict`` (image
     only): orientation worked out once, crop box found on the RAS arrays (``crop_box``), geometry
@@ -590,6 +590,27 @@ def intensity_stats(image: np.ndarray, labels: np.ndarray | None) -> dict:
         return out
     fg = image[labels > 0].astype(np.float64)
     out["foreground"] = {"voxels": int(fg.size), **fg_stats(fg)}
+    return out
+
+
+def nonzero_zscore_stats(image: np.ndarray) -> list[dict]:
+    """nnU-Net's per-image z-score statistics (``ZScoreNormalization``, ``use_mask_for_norm`` off),
+    one ``{"mean", "std"}`` per channel of the *original* image ``[x, y, z]`` or ``[c, x, y, z]``.
+
+    nnU-Net v2's preprocessor crops to the bounding box of voxels that are nonzero in any channel
+    (``crop_to_nonzero``; filling holes does not change a bounding box), then normalises that crop
+    at the original spacing, before resampling. For a CT (air is -1000 HU, not 0) the box is almost
+    always the whole field of view, air included: that is what the STU-Net release was trained on,
+    so it is what we train on, whatever tighter crop the store keeps to save bytes. The box does not
+    depend on the axis order, so any orientation of the file gives the same numbers.
+    float64 sums of the float32 values nnU-Net sees (int16 HU convert exactly).
+    """
+    img = image if image.ndim == 4 else image[None]
+    box = bbox_of((img != 0).any(axis=0)) or [[0, int(n)] for n in img.shape[-3:]]
+    out = []
+    for c in range(img.shape[0]):
+        region = crop(img[c], box).astype(np.float32, copy=False).astype(np.float64)
+        out.append({"mean": float(region.mean()), "std": float(region.std()), "box": box})
     return out
 
 

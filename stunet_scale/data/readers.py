@@ -70,7 +70,10 @@ def plan_cases(store: PreparedStore, splits: Sequence[str]) -> list[PlanCase]:
     for cid in store.case_ids(splits):
         meta = store.meta(cid)
         ranges = (meta.get("fg_locations") or {}).get("ranges") or {}
-        items = sorted((int(k), int(v[0]), int(v[1])) for k, v in ranges.items() if int(k) > 0 and v[1] > v[0])
+        # the ignore label (value num_classes) is never a class to oversample; prepare leaves it
+        # out of the table already, this keeps it out of the plan whatever wrote the store
+        items = sorted((int(k), int(v[0]), int(v[1])) for k, v in ranges.items()
+                       if 0 < int(k) < store.num_classes and v[1] > v[0])
         out.append(PlanCase(
             case_id=cid,
             shape=tuple(int(s) for s in meta["shape"][-3:]),
@@ -85,18 +88,31 @@ def plan_cases(store: PreparedStore, splits: Sequence[str]) -> list[PlanCase]:
 def normalization(store: PreparedStore, meta: dict, mode: str, channels: int = 1) -> np.ndarray:
     """(clip low, clip high, scale, shift) per channel, float32 [C, 4]: y = clamp(x, lo, hi) * scale + shift.
 
-    ``zscore``: STU-Net's per-image (x - mean) / (std + 1e-8) over the whole stored volume.
+    ``zscore`` (default): STU-Net's "nonCT" scheme exactly as nnU-Net v2 computes it
+    (``ZScoreNormalization``, ``use_mask_for_norm`` off): (x - mean) / max(std, 1e-8) with the mean
+    and std of the *original* image over its nonzero bounding box (``intensity.nonzero``, recorded
+    by ``prepare`` before cropping and resampling). Applied to the stored (resampled, tighter) crop
+    this gives nnU-Net's network input up to float rounding: resampling commutes with an affine map.
+    ``zscore_stored``: (x - mean) / (std + 1e-8) over the stored volume (its crop, e.g. the body box);
+    what stunet-scale did before it followed the release.
     ``ct``: nnU-Net's CTNormalization: clip to the pooled foreground 0.5/99.5 percentiles, then
     (x - mean) / max(std, 1e-8) with the pooled foreground mean/std of the training set.
     """
-    if mode == "zscore":
-        stats = meta.get("intensity") or {}
-        if "mean" not in stats or "std" not in stats:
-            raise StoreIntegrityError(f"case {meta.get('id')!r}: the manifest has no intensity mean/std "
-                                      f"for data.normalization=zscore. {REBUILD_HINT}")
-        scale = 1.0 / (float(stats["std"]) + 1e-8)
-        row = [-math.inf, math.inf, scale, -float(stats["mean"]) * scale]
-    elif mode == "ct":
+    if mode in ("zscore", "zscore_stored"):
+        per_channel = meta.get("intensity_channels") or [meta.get("intensity") or {}]
+        rows = []
+        for c in range(channels):
+            stats = per_channel[c] if c < len(per_channel) else {}
+            if mode == "zscore":
+                stats = stats.get("nonzero") or {}
+            if "mean" not in stats or "std" not in stats:
+                raise StoreIntegrityError(f"case {meta.get('id')!r}: the manifest has no intensity statistics "
+                                          f"for data.normalization={mode} (channel {c}). {REBUILD_HINT}")
+            std = float(stats["std"])
+            scale = 1.0 / (max(std, 1e-8) if mode == "zscore" else std + 1e-8)
+            rows.append([-math.inf, math.inf, scale, -float(stats["mean"]) * scale])
+        return np.array(rows, np.float32)
+    if mode == "ct":
         stats = store.intensity or {}
         stats = stats.get("foreground", stats) if isinstance(stats, dict) else {}
         need = ("mean", "std", "percentile_00_5", "percentile_99_5")
@@ -107,7 +123,7 @@ def normalization(store: PreparedStore, meta: dict, mode: str, channels: int = 1
         scale = 1.0 / max(float(stats["std"]), 1e-8)
         row = [float(stats["percentile_00_5"]), float(stats["percentile_99_5"]), scale, -float(stats["mean"]) * scale]
     else:
-        raise ValueError(f"data.normalization must be zscore or ct, got {mode!r}")
+        raise ValueError(f"data.normalization must be zscore, zscore_stored or ct, got {mode!r}")
     return np.array([row] * channels, np.float32)
 
 
@@ -365,6 +381,7 @@ class CaseHandle:
         self.image, self.label = readers["image"], readers["label"]
         self.shape = tuple(self.label.shape[-3:])
         self.image_has_channels = len(self.image.shape) == 4
+        self.num_classes = store.num_classes
         self._store = store
         self._fg = None
         self.norm = normalization(store, self.meta, normalization_mode, channels)
@@ -488,13 +505,29 @@ class ArrayReader:
         out[...] = self.array[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
 
 
+def annotated_mask(handles) -> np.ndarray | None:
+    """bool [m, num_classes]: False where a class is unannotated in the sample's case (its mask file
+    was missing, ``missing_classes`` of the manifest), for the loss to marginalise. None when the
+    handles do not know their class count (then every class counts as annotated)."""
+    n = {getattr(h, "num_classes", None) for h in handles}
+    if not handles or None in n or len(n) != 1:
+        return None
+    out = np.ones((len(handles), n.pop()), dtype=bool)
+    for b, h in enumerate(handles):
+        meta = getattr(h, "meta", None) or {}
+        missing = [int(k) for k in (meta.get("missing_classes") or []) if 0 < int(k) < out.shape[1]]
+        out[b, missing] = False
+    return out
+
+
 def assemble_micro_batch(specs, handles, plan: SamplePlan, channels: int,
                          image_dtype: torch.dtype = torch.int16, pad: float = IMAGE_FILL,
                          shared=None) -> dict:
     """Read each planned sample from its case handle into a raw micro-batch.
 
-    A handle has ``image``/``label`` box readers, ``shape``, ``norm`` [C, 4], ``image_has_channels``
-    and ``fg_voxel(row)`` (``CaseHandle`` for Zarr, ``WdsCaseHandle`` for decoded tar samples).
+    A handle has ``image``/``label`` box readers, ``shape``, ``norm`` [C, 4], ``image_has_channels``,
+    ``num_classes``, ``meta`` (its ``missing_classes`` become ``raw["annotated"]``, see
+    ``annotated_mask``) and ``fg_voxel(row)`` (``CaseHandle`` for Zarr, ``WdsCaseHandle`` for decoded tar samples).
     ``shared``: where the voxel tensors live (``augment.allocate_raw``: False when this process
     augments the batch itself, a ``SlabPool`` for recycled shared memory).
     """
@@ -537,4 +570,5 @@ def assemble_micro_batch(specs, handles, plan: SamplePlan, channels: int,
             raw["noise_key"][jn] = plan.noise_key(spec.index)  # the field is made where it is augmented
             jn += 1
     raw["params"] = stack_params([s.aug for s in specs])
+    raw["annotated"] = annotated_mask(handles)  # numpy, pickled by value like the other small fields
     return raw

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .class_maps import CLASS_MAP_FILES, detect_class_map, load_class_map
+from .class_maps import CLASS_MAP_FILES, detect_class_map, load_class_map, source_correspondence
 from .preprocess import affines_close, orthonormality_error
 
 log = logging.getLogger("stunet_scale.prepare")
@@ -231,7 +231,8 @@ class RawCase:
         if self.label_file is not None and self.label_file.exists():
             files.append(self.label_file)
         if self.mask_dir is not None and self.mask_dir.is_dir():
-            files += sorted(p for p in self.mask_dir.iterdir() if strip_nifti(p.name) in dataset.source_label_names)
+            # every mask file: one the class map lacks is read too (its voxels get the ignore label)
+            files += sorted(p for p in self.mask_dir.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
         return files
 
 
@@ -251,10 +252,17 @@ class RawDataset:
     nnunet_values: set[int] | None = None
     notes: list[str] = field(default_factory=list)  # dataset-level facts worth a log line + manifest
     absent_in_source: list[str] = field(default_factory=list)  # map classes no source file can provide
-    ignored_source_names: list[str] = field(default_factory=list)  # source classes not in the map
+    # source classes not in the map: their voxels get the ignore label (never background)
+    ignored_source_names: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def ignore_label(self) -> int:
+        """nnU-Net v2's ignore label: one above the last class. Voxels of a source class with no
+        class in the map carry it; the loss and validation Dice skip them."""
         return len(self.labels)
 
 
@@ -361,15 +369,17 @@ def _open_totalseg(root: Path, classes: str) -> RawDataset:
         raise DatasetError(f"unknown class map {classes!r}; use auto, {', '.join(CLASS_MAP_FILES)}")
     cmap = load_class_map(name)
     labels = list(cmap.labels)
-    absent = sorted(n for n in cmap.foreground if names and n not in names)
-    ignored = sorted(names - set(cmap.foreground))
+    corr = source_correspondence(sorted(names), name)
+    absent = sorted(n for n in corr.unannotated if names)
+    ignored = sorted(corr.to_ignore)
     if absent:
         notes.append(
             f"class map {name} has {len(absent)} class(es) with no mask file in this dataset; they are recorded "
-            f"as missing for every case (not background): {', '.join(absent)}"
+            f"as missing (unannotated) for every case, not background: {', '.join(absent)}"
         )
     if ignored:
-        notes.append(f"{len(ignored)} mask name(s) are not in class map {name} and are ignored: {', '.join(ignored)}")
+        notes.append(f"{len(ignored)} mask name(s) have no class in map {name}; their voxels get the ignore label "
+                     f"{cmap.ignore_label} (skipped by loss and Dice), not background: {', '.join(ignored)}")
     return RawDataset(
         root=root, layout="totalseg", cases=cases, class_map_name=name, labels=labels, is_ct=True,
         split_source="meta.csv" if splits else "default", mask_names=[None] + list(cmap.foreground),
@@ -395,6 +405,12 @@ def _open_nnunet(root: Path, classes: str) -> RawDataset:
         raw_labels[n] = int(v)
     if sorted(raw_labels.values()) != list(range(len(raw_labels))) or raw_labels.get("background", 0) != 0:
         raise DatasetError(f"dataset.json labels must be 0..N consecutive with background = 0, got {raw_labels}")
+    all_values = set(range(len(raw_labels)))
+    # nnU-Net v2's own ignore label ("ignore": the highest value) stays an ignore label here
+    raw_ignore = raw_labels.pop("ignore", None)
+    if raw_ignore is not None and raw_ignore != len(raw_labels):
+        raise DatasetError(f"{root / 'dataset.json'}: label 'ignore' is {raw_ignore}; nnU-Net v2 needs it to be the "
+                           f"highest value ({len(raw_labels)}). Renumber it")
     by_value = [n for n, _ in sorted(raw_labels.items(), key=lambda kv: kv[1])]
     nch = len(ds["channel_names"])
     is_ct = all(str(v).strip().lower() == "ct" for v in ds["channel_names"].values())
@@ -416,14 +432,17 @@ def _open_nnunet(root: Path, classes: str) -> RawDataset:
         lut = np.arange(len(by_value), dtype=np.int64)
     elif classes in CLASS_MAP_FILES:
         cmap = load_class_map(classes)
-        unknown = [n for n in by_value[1:] if n not in cmap.labels]
+        unknown = sorted(source_correspondence(by_value[1:], classes).to_ignore)
         if unknown:
-            notes.append(f"{len(unknown)} dataset.json label(s) are not in class map {classes}; their voxels become "
-                         f"background: {', '.join(unknown)}")
+            notes.append(f"{len(unknown)} dataset.json label(s) have no class in map {classes}; their voxels get the "
+                         f"ignore label {cmap.ignore_label} (skipped by loss and Dice), not background: {', '.join(unknown)}")
         name, labels = classes, list(cmap.labels)
-        lut = np.asarray([cmap.index(n) if n in cmap.labels[1:] else 0 for n in by_value], dtype=np.int64)
+        lut = np.asarray([cmap.index(n) if n in cmap.labels[1:] else (0 if n == "background" else cmap.ignore_label)
+                          for n in by_value], dtype=np.int64)
     else:
         raise DatasetError(f"unknown class map {classes!r}; use auto, {', '.join(CLASS_MAP_FILES)}")
+    if raw_ignore is not None:
+        lut = np.append(lut, len(labels))  # the raw ignore value -> this store's ignore label
     absent = sorted(n for n in labels[1:] if n not in raw_labels)
     if absent:
         notes.append(f"class map {name} has {len(absent)} class(es) absent from dataset.json; recorded as missing "
@@ -431,7 +450,7 @@ def _open_nnunet(root: Path, classes: str) -> RawDataset:
     return RawDataset(
         root=root, layout="nnunet", cases=cases, class_map_name=name, labels=labels, is_ct=is_ct,
         split_source="default", source_label_names=set(by_value), nnunet_lut=lut,
-        nnunet_values=set(range(len(by_value))), notes=notes, absent_in_source=absent,
+        nnunet_values=all_values, notes=notes, absent_in_source=absent,
         ignored_source_names=sorted(n for n in by_value[1:] if n not in labels),
     )
 
@@ -447,8 +466,8 @@ class LoadedCase:
     image: np.ndarray  # [x, y, z] or [c, x, y, z], file voxel order
     affine: np.ndarray
     label: np.ndarray  # [x, y, z] in the store's label values
-    missing_classes: list[int]
-    ignored_masks: list[str]
+    missing_classes: list[int]  # unannotated in this case: no mask file / label (the loss marginalises them)
+    ignored_masks: list[str]  # source classes whose voxels carry the ignore label
     overlap_voxels: int  # voxels claimed by more than one mask (TotalSegmentator)
     input_sha256: dict[str, str]  # file name relative to the dataset root -> sha256
 
@@ -476,7 +495,10 @@ def load_case(case: RawCase, dataset: RawDataset, threads: int = 1) -> LoadedCas
     Overlap rule: masks are written in label-value order and a higher label value overwrites a lower
     one (TotalSegmentator's own converter does the same in its class-map order); the number of
     overlapping voxels is recorded. A mask file that does not exist makes its class *missing* for
-    this case (recorded), never background.
+    this case (recorded), never background. A mask file whose class is not in the map (v2 ``heart``
+    for STU-Net's v1 map) is written first, with the ignore label (``dataset.ignore_label``), so
+    any class of the map that overlaps it keeps its voxels: the ignore label only covers what no
+    target class claims.
     """
     rel = lambda p: p.relative_to(dataset.root).as_posix()  # noqa: E731
     for p in case.image_files:
@@ -488,7 +510,7 @@ def load_case(case: RawCase, dataset: RawDataset, threads: int = 1) -> LoadedCas
         check_same_grid(ref, other)
     shas = {rel(n.path): n.sha256 for n in images}
     image = ref.data if len(images) == 1 else np.stack([n.data for n in images])
-    ldtype = np.uint8 if dataset.num_classes <= 256 else np.uint16
+    ldtype = np.uint8 if dataset.ignore_label <= 255 else np.uint16  # the ignore label must fit too
 
     if dataset.layout == "nnunet":
         if case.label_file is None or not case.label_file.exists():
@@ -510,8 +532,10 @@ def load_case(case: RawCase, dataset: RawDataset, threads: int = 1) -> LoadedCas
     missing = [k for k, n in wanted if n not in present_files]
     if len(missing) == len(wanted):
         raise CaseError("MISSING_LABEL", f"{rel(case.mask_dir)}/ holds none of the {len(wanted)} mask files of the class map", case.mask_dir)
+    # every present mask without a class in the map, also one that only this case has
     ignored = sorted(set(present_files) - set(dataset.mask_names[1:]))
-    jobs = [(k, present_files[n]) for k, n in wanted if n in present_files]
+    jobs = [(dataset.ignore_label, present_files[n]) for n in ignored]
+    jobs += [(k, present_files[n]) for k, n in wanted if n in present_files]
 
     def read_mask(job):
         k, p = job

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "stunet-scale-prepared"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-case nnU-Net z-score statistics (intensity.nonzero)
 CHUNK = 64  # inner chunk edge (voxels); one shard holds the whole volume
 FG_CHUNK_ROWS = 4096  # fg_locations rows per chunk (one forced sample reads one row)
 IMAGE_FILL = -1024  # air: an absent CT chunk would otherwise read as 0 HU (water)
@@ -90,8 +90,9 @@ def array_checksum(array: np.ndarray) -> str:
 
 
 def label_dtype(num_classes: int) -> np.dtype:
-    """uint8 up to 256 label values (background included), uint16 above."""
-    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
+    """uint8 up to 255 classes (background included), uint16 above: the ignore label, value
+    ``num_classes`` (nnU-Net v2: one above the last class), must fit as well."""
+    return np.dtype(np.uint8) if num_classes <= 255 else np.dtype(np.uint16)
 
 
 def wds_key(case_id: str) -> str:
@@ -356,6 +357,7 @@ class StoredCase:
 
     @property
     def missing_classes(self) -> list[int]:
+        """Classes unannotated in this case (no mask file): the loss marginalises them, Dice skips them."""
         return list(self.meta["missing_classes"])
 
     @property
@@ -402,6 +404,12 @@ class PreparedStore:
     @property
     def num_classes(self) -> int:
         return len(self.manifest["class_map"]["labels"])
+
+    @property
+    def ignore_label(self) -> int:
+        """The label value of voxels the loss and Dice skip (``num_classes``; stores written before
+        it was recorded hold no such voxel, and the value is the same)."""
+        return int(self.manifest["class_map"].get("ignore_label", self.num_classes))
 
     @property
     def target_spacing(self) -> list[float]:

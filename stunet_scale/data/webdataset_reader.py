@@ -158,9 +158,10 @@ class ShardCursor:
 class WdsCaseHandle:
     """The reader-facing view of a decoded WebDataset case (same interface as readers.CaseHandle)."""
 
-    def __init__(self, case, norm: np.ndarray):
+    def __init__(self, case, norm: np.ndarray, num_classes: int | None = None):
         self.case_id = case.case_id
         self.meta = case.meta
+        self.num_classes = num_classes  # with meta's missing_classes: the batch's "annotated" mask
         self.image = ArrayReader(np.asarray(case.image))
         self.label = ArrayReader(np.asarray(case.label))
         self.shape = tuple(self.label.shape[-3:])
@@ -198,7 +199,7 @@ class ConsumerStream:
             if p not in self.decoded:
                 case = self.cursor.get(p)
                 norm = normalization(self.store, case.meta, self.cfg.data.normalization, 1)
-                self.decoded[p] = WdsCaseHandle(case, norm)
+                self.decoded[p] = WdsCaseHandle(case, norm, self.store.num_classes)
         handle = self.decoded[q]
         live = set(self.buffer.live())
         for p in [p for p in self.decoded if p not in live]:

@@ -32,6 +32,7 @@ import torch
 
 from ..models.stunet import RELEASE_NAMES, STUNet
 from ..tracking import git_revision
+from .axes import TRANSFER_AXIS_ORDER, to_axis_order
 from .checkpoint_io import CheckpointError, Weights, read_weights, safe_torch_load
 from .hf_bundle import build_card, build_config_json, write_safetensors
 from .spec import generic_labels
@@ -115,6 +116,8 @@ def export(
     weights = read_weights(source, manifest=manifest_dict)
     if validation:
         weights.spec.training = dict(weights.spec.training, validation=json.loads(Path(validation).read_text()))
+    # Every file we write holds the release's convention, whatever the source ran in (one function).
+    weights.state_dict, weights.spec = to_axis_order(weights.state_dict, weights.spec, TRANSFER_AXIS_ORDER)
     params = _check_fits(weights)
     spec = weights.spec
     name = name or default_name(weights)

@@ -50,8 +50,11 @@ def build_config_json(spec: ModelSpec, export_info: dict) -> dict:
         "spacing_mm": spec.spacing,
         "patch_size": spec.patch_size,
         "axis_order": spec.axis_order,
+        "axis_convention": AXIS_TEXT[spec.axis_order],
+        "pool_strides": m["pool_strides"],
         "normalization": {"scheme": spec.normalization, "stats": spec.intensity_stats,
-                          "description": NORMALIZATION_TEXT[spec.normalization]},
+                          "description": NORMALIZATION_TEXT[spec.normalization],
+                          "intensity_region": CROP_TEXT[spec.crop]},
         "training": spec.training,
         "export": export_info,
         "spec": spec.to_dict(),
@@ -59,7 +62,7 @@ def build_config_json(spec: ModelSpec, export_info: dict) -> dict:
 
 
 NORMALIZATION_TEXT = {
-    "zscore": "per image: (x - mean(x)) / std(x) over the whole resampled image (STU-Net's 'nonCT')",
+    "zscore": "per image: (x - mean(x)) / max(std(x), 1e-8), statistics of the original image over the intensity region (STU-Net's 'nonCT', nnU-Net's ZScoreNormalization)",
     "ct": "clip to the dataset's foreground 0.5/99.5 HU percentiles, subtract its mean, divide by its std (nnU-Net CT)",
 }
 
@@ -257,12 +260,12 @@ def build_card(spec: ModelSpec, export_info: dict, files: dict[str, str], licens
 
 
 CROP_TEXT = {
-    "body": "z-score statistics over the bounding box of voxels > -500 HU (the body); outside it is background",
-    "nonzero": "statistics over the bounding box of nonzero voxels (nnU-Net), for CT the whole image",
+    "body": "z-score statistics over the resampled bounding box of voxels > -500 HU (the body; data.normalization=zscore_stored, not reproducible in nnU-Net); outside it is background",
+    "nonzero": "statistics over the bounding box of nonzero voxels of the original image, before resampling (nnU-Net, the STU-Net release); for CT the whole image",
     "none": "statistics over the whole image",
 }
 
 AXIS_TEXT = {
-    "ras_xyz": "reoriented to RAS, array axes (x, y, z)",
-    "ras_zyx": "reoriented to RAS, array axes (z, y, x) as SimpleITK / nnU-Net read it",
+    "ras_xyz": "reoriented to RAS, array axes (x, y, z) (stunet-scale's training convention; not a transfer file convention)",
+    "ras_zyx": "reoriented to RAS, array axes (z, y, x): SimpleITK / nnU-Net order of a RAS file, the convention of the released STU-Net checkpoints; conv kernels, pool strides, spacing and patch are all in this order",
 }

@@ -13,19 +13,21 @@ How the plans keep nnU-Net's preprocessing identical to how the model was traine
   ``stunet_scale.export.nnunet_network.STUNetForNNUNet`` (so ``stunet-scale`` must be installed
   next to nnunetv2) with ``arch_kwargs`` = our ``ModelConfig`` fields.
 * ``image_reader_writer = "NibabelIOWithReorient"``: nnU-Net reorients every image to RAS and hands
-  the array over as (z, y, x). ``transpose_forward`` then restores the axis order the network saw:
-  ``[2, 1, 0]`` for our RAS (x, y, z) stores, ``[0, 1, 2]`` for the STU-Net release (SimpleITK
-  order). Predictions are reoriented back to the input's geometry by the same reader/writer.
-* ``spacing`` / ``patch_size`` are the training ones (network axis order); ``normalization_schemes``
-  is ``ZScoreNormalization`` (per image, STU-Net's "nonCT") or ``CTNormalization`` with the
-  prepared store's foreground statistics; image resampling uses the same spline order.
+  the array over as (z, y, x), the SimpleITK order of a RAS file: exactly what the STU-Net release
+  saw. Our weights are exported in that convention (``stunet_scale.export.axes``), so
+  ``transpose_forward`` is ``[0, 1, 2]`` as in the release plans; predictions are reoriented back
+  to the input's geometry by the same reader/writer. (An old ``ras_xyz`` spec still gets
+  ``[2, 1, 0]``, so folders written before the convention changed keep working.)
+* ``spacing`` / ``patch_size`` / the architecture's ``pool_strides`` are the training ones in
+  network axis order (for the paper recipes the release's ``[[2,2,2]]*4 + [[1,1,2]]``);
+  ``normalization_schemes`` is ``ZScoreNormalization`` (per image over nnU-Net's nonzero box, STU-Net's
+  "nonCT": exactly the statistics ``data.normalization=zscore`` trains with) or ``CTNormalization``
+  with the prepared store's foreground statistics; image resampling uses the same spline order.
 * ``inference_allowed_mirroring_axes`` are the axes flipped during training.
 
-One difference nnU-Net's preprocessor cannot express: our stores z-score each image over its body
-bounding box (voxels > -500 HU), nnU-Net over its nonzero bounding box, which for a CT is the whole
-field of view. With a tight field of view the two statistics nearly coincide; with much air around
-the patient nnU-Net's input is shifted slightly. ``stunet-scale predict`` applies the exact training
-preprocessing; ``tests/test_export_nnunet.py`` measures the agreement of the two predictors.
+A model trained with ``data.normalization=zscore_stored`` (statistics over the store's body box)
+cannot be reproduced by nnU-Net's preprocessor; its spec says ``crop="body"`` and the model card
+says so. ``tests/test_export_nnunet.py`` measures the agreement of the two predictors.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,9 @@ import torch
 from torch import nn
 
 from ..models.stunet import ModelConfig, STUNet
+from .axes import TRAINING_AXIS_ORDER, to_axis_order
 from .checkpoint_io import STEM_KEYS, CheckpointError, Weights, read_weights
-from .spec import _plain
+from .spec import AXIS_ORDERS, _plain
 
 log = logging.getLogger("stunet_scale.export")
 
@@ -48,9 +50,11 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # key -> why it kept its fresh init
     adapted: dict[str, str] = field(default_factory=dict)  # key -> how the tensor was changed before loading
+    notes: list[str] = field(default_factory=list)  # axis conversion, architecture differences
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.source} ({self.format})"]
+        lines += [f"  note: {n}" for n in self.notes]
         for key, why in self.adapted.items():
             lines.append(f"  adapted {key}: {why}")
         for key, why in self.skipped.items():
@@ -72,9 +76,13 @@ def initialize_from_pretrained(
     encoder_only: bool = False,
     channel_init: str = "repeat",
     reinit_heads: bool | None = None,
+    axis_order: str = TRAINING_AXIS_ORDER,
 ) -> LoadReport:
     """Copy pretrained weights into ``model`` (an STU-Net, before any DDP/ZeRO/FSDP wrapping).
 
+    ``axis_order``: the convention ``model`` runs in (``stunet_scale.export.axes``). The default is
+    the trainer's (RAS arrays (x, y, z), our stores); exports and released files hold (z, y, x)
+    weights and are converted here, by the one tested function, never by a transpose elsewhere.
     ``model``'s own ``in_channels`` / ``num_classes`` decide the adaptation: heads are re-initialised
     when the class count differs (or ``reinit_heads=True``), the stem is tiled when it has more input
     channels than the checkpoint. Returns a ``LoadReport``; raises ``CheckpointError`` naming the file
@@ -82,12 +90,30 @@ def initialize_from_pretrained(
     """
     if channel_init not in CHANNEL_INITS:
         raise ValueError(f"channel_init must be one of {CHANNEL_INITS}, got {channel_init!r}")
-    weights = path if isinstance(path, Weights) else read_weights(path)
+    if axis_order not in AXIS_ORDERS:
+        raise ValueError(f"axis_order must be one of {AXIS_ORDERS}, got {axis_order!r}")
+    if isinstance(path, Weights):
+        # the caller's object stays as it was: convert a shallow copy (tensors are shared until reversed)
+        ckpt, spec = to_axis_order(OrderedDict(path.state_dict), path.spec, axis_order)
+        weights = path
+    else:
+        weights = read_weights(path)
+        ckpt, spec = to_axis_order(weights.state_dict, weights.spec, axis_order)
     source = weights.path
     net = _unwrap(model)
     target = net.state_dict()
-    ckpt = weights.state_dict
     report = LoadReport(source=str(source), format=weights.format)
+    if weights.spec.axis_order != axis_order:
+        report.notes.append(f"weights converted from {weights.spec.axis_order} to {axis_order} "
+                            f"(conv kernels' spatial dims reversed)")
+    cfg = getattr(net, "config", None)
+    if cfg is not None and spec.model.get("pool_strides") not in (None, cfg.pool_strides):
+        # Weight shapes do not depend on strides, so this loads; but the network computes a different
+        # function from the one that was trained (e.g. [2,2,2] where the release halves one axis only).
+        msg = (f"pool strides differ: checkpoint {spec.model['pool_strides']} ({axis_order}), model "
+               f"{cfg.pool_strides}; set model.pool_strides to the checkpoint's to run the trained function")
+        report.notes.append(msg)
+    stride_note = bool(report.notes and report.notes[-1].startswith("pool strides differ"))
 
     head_keys = [k for k in target if k.startswith("seg_outputs.")]
     ckpt_classes = int(ckpt["seg_outputs.0.weight"].shape[0]) if "seg_outputs.0.weight" in ckpt else None
@@ -126,14 +152,14 @@ def initialize_from_pretrained(
             problems.append(f"{len(unexpected)} checkpoint keys the model lacks (e.g. {', '.join(unexpected[:3])})")
         if wrong:
             problems.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:3])})")
-        hint = _architecture_hint(weights, net)
+        hint = _architecture_hint(spec, net)
         raise CheckpointError(f"{source}: does not fit this model - {'; '.join(problems)}.{hint}")
 
     with torch.no_grad():
         for key, tensor in new.items():
             target[key].copy_(tensor.to(dtype=target[key].dtype, device=target[key].device))
     report.loaded = list(new)
-    level = logging.WARNING if report.skipped or report.adapted else logging.INFO
+    level = logging.WARNING if report.skipped or report.adapted or stride_note else logging.INFO
     log.log(level, "%s", report)
     return report
 
@@ -152,9 +178,9 @@ def _adapt_stem(key: str, tensor: torch.Tensor, shape: torch.Size, channel_init:
     return tiled, f"1 -> {want} input channels, repeated (STU-Net)"
 
 
-def _architecture_hint(weights: Weights, net: nn.Module) -> str:
+def _architecture_hint(spec, net: nn.Module) -> str:
     cfg = getattr(net, "config", None)
-    ck = weights.spec.model_config
+    ck = spec.model_config
     if cfg is None:
         return ""
     diffs = [f"{name}={getattr(ck, name)!r} (model: {getattr(cfg, name)!r})"
@@ -173,6 +199,7 @@ def load_pretrained(
     reinit_heads: bool | None = None,
     deep_supervision: bool | None = None,
     seed: int | None = 0,
+    axis_order: str | None = None,
     **model_overrides,
 ) -> STUNet:
     """Build an STU-Net from any checkpoint we can read and load its weights.
@@ -183,11 +210,16 @@ def load_pretrained(
     the heads (see module docstring). ``model_overrides`` are ModelConfig fields (e.g.
     ``pool_strides`` for a different target spacing; weight shapes do not depend on them).
     ``seed`` makes the fresh parts (new heads, decoder with ``encoder_only``) reproducible.
+    ``axis_order``: the convention of the returned model (``stunet_scale.export.axes``); None keeps
+    the file's (``ras_zyx`` for exports and released files: feed it SimpleITK / nnU-Net arrays),
+    ``"ras_xyz"`` gives the convention ``stunet-scale train`` runs in (our stores' RAS (x, y, z)).
 
     Returns the model in eval mode with ``model.load_report`` (what was loaded, adapted, skipped) and
     ``model.spec`` (spacing, normalisation, labels the weights expect).
     """
     weights = read_weights(path)
+    if axis_order is not None and axis_order != weights.spec.axis_order:
+        weights.state_dict, weights.spec = to_axis_order(weights.state_dict, weights.spec, axis_order)
     spec = weights.spec
     overrides = dict(model_overrides)
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
@@ -207,7 +239,7 @@ def load_pretrained(
     else:
         model = STUNet(config)
     report = initialize_from_pretrained(model, weights, encoder_only=encoder_only, channel_init=channel_init,
-                                        reinit_heads=reinit_heads)
+                                        reinit_heads=reinit_heads, axis_order=spec.axis_order)
     model.load_report = report
     model.spec = dataclasses.replace(spec.with_heads(config.num_classes, config.in_channels),
                                      model=_plain(dataclasses.asdict(config)))

@@ -48,10 +48,10 @@ class ModelSpec:
     model: dict  # resolved ModelConfig fields (size, base_width, blocks_per_stage, ..., num_classes)
     spacing: list[float]  # mm per voxel, in the network's axis order
     patch_size: list[int]  # training patch, network axis order
-    normalization: str = "zscore"  # zscore = per-image z-score (STU-Net "nonCT"); ct = nnU-Net CT clip + global z-score
+    normalization: str = "zscore"  # zscore = per-image z-score (STU-Net "nonCT", statistics over ``crop``); ct = nnU-Net CT clip + global z-score
     intensity_stats: dict | None = None  # for "ct": mean, std, percentile_00_5, percentile_99_5 (foreground HU)
     image_interpolation: str = "cubic"  # image resampling: cubic (order-3 spline, nnU-Net) or linear
-    crop: str = "body"  # region the z-score statistics cover: body (> -500 HU bbox, our stores), nonzero (nnU-Net), none
+    crop: str = "nonzero"  # region of the original image the z-score statistics cover: nonzero (nnU-Net, default), body (> -500 HU bbox, data.normalization=zscore_stored), none
     axis_order: str = "ras_xyz"  # ras_xyz (our stores) or ras_zyx (nnU-Net/SimpleITK order; the STU-Net release)
     labels: list[str] = field(default_factory=list)  # labels[k] = name of output channel k (0 = background)
     class_map: str | None = None  # stunet, totalseg-v1, totalseg-v2, the store's own name, or None
@@ -203,7 +203,11 @@ def spec_from_train_config(cfg: dict, *, training: dict | None = None, manifest:
     if manifest is None:
         manifest = read_manifest(data.get("root"))
     labels, class_map, version = labels_for(data.get("class_map"), model.num_classes, manifest)
-    normalization = data.get("normalization", "zscore")
+    mode = data.get("normalization", "zscore")
+    # The spec says which statistics a consumer must compute: z-score over nnU-Net's nonzero box of
+    # the original image (crop="nonzero", data.normalization=zscore) or over the stored crop
+    # (zscore_stored: the store's crop, e.g. the body box; nnU-Net cannot reproduce that one).
+    normalization = "ct" if mode == "ct" else "zscore"
     stats = manifest_intensity_stats(manifest) if normalization == "ct" else None
     if normalization == "ct" and stats is None:
         raise ValueError(
@@ -222,7 +226,7 @@ def spec_from_train_config(cfg: dict, *, training: dict | None = None, manifest:
         intensity_stats=stats,
         # prepare's defaults (PrepareOptions) when a store predates the field
         image_interpolation=pre.get("image_interpolation") or "cubic",
-        crop=pre.get("crop") or "body",
+        crop=(pre.get("crop") or "body") if mode == "zscore_stored" else "nonzero",
         axis_order="ras_xyz",
         labels=labels,
         class_map=class_map,

@@ -195,7 +195,8 @@ class Trainer:
         for i, mb in enumerate(micro_batches):
             with self.backend.accumulate(last=i == n - 1):
                 outputs = self.backend.forward(mb["image"])
-                loss, terms = self.loss_fn(outputs, mb["targets"])  # fp32, autocast off inside
+                # annotated: [m, C] host bool (classes unannotated in a sample's case are marginalised)
+                loss, terms = self.loss_fn(outputs, mb["targets"], mb.get("annotated"))  # fp32, autocast off inside
                 if self.faults.nan_loss(step):
                     loss = loss * float("nan")
                 # Decided before this micro-batch's backward: DeepSpeed and DDP reduce gradients

@@ -15,6 +15,24 @@ its class bin (``gather`` + ``scatter_add``), and the target volume per class is
 Why fp32: under bf16 autocast the logits arrive in bf16. Softmax over 105 classes and sums over
 2M voxels in bf16 lose the small classes entirely, so the logits are upcast before anything else
 and autocast is switched off here (tests/test_train_loss.py checks both).
+
+Labels that say nothing (tests/test_class_map_fidelity.py):
+
+* **Ignore label** (nnU-Net v2 semantics): a target value equal to the number of output channels C
+  (one above the last class) marks voxels of a source class the class map lacks, e.g. TotalSegmentator
+  v2's ``heart`` for STU-Net's v1 head. They are left out of CE (mean over the other voxels, 0 when
+  none is left, as nnU-Net) and out of every Dice sum (probabilities and target), so any prediction
+  there costs nothing.
+* **Unannotated classes** (``annotated[b, k]`` False: class k's mask file was missing in sample b's
+  case): a *marginal* loss. CE takes for a background voxel log(p_background + sum of p over the
+  unannotated classes): "background" in such a case only says "none of the annotated classes", so
+  the likelihood of that statement is the merged probability. Dice leaves those classes out of its
+  mean. The network is then free to call those voxels any unannotated class or background, and is
+  still taught everything the annotated classes say. Why not a masked loss (drop the unannotated
+  channels from the softmax): renormalising over the annotated channels makes the loss depend on how
+  probability is split between background and an unannotated class, i.e. it would still push the
+  unannotated class down wherever it competes with background, which is exactly "this organ is
+  background".
 """
 
 from __future__ import annotations
@@ -27,34 +45,96 @@ import torch.nn.functional as F
 
 
 def soft_dice_per_class(
-    logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5, batch_dice: bool = False
+    logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5, batch_dice: bool = False,
+    weights: torch.Tensor | None = None, has_ignored: bool | None = None,
 ) -> torch.Tensor:
     """Soft Dice of every class: [B, C] (per sample) or [1, C] (batch_dice). fp32 in, fp32 out.
 
-    ``logits`` [B, C, *spatial]; ``target`` [B, 1, *spatial] or [B, *spatial] integer labels.
+    ``logits`` [B, C, *spatial]; ``target`` [B, 1, *spatial] or [B, *spatial] integer labels, where
+    the value C is the ignore label: those voxels enter no sum. ``weights`` [B, C] (0/1, on the
+    logits' device): with ``batch_dice`` a sample enters class k's sums only where its weight is 1
+    (the class is annotated in its case). ``has_ignored``: whether ``target`` holds the ignore label
+    (None: look, which reads one flag back from the device).
     """
     b, c = logits.shape[:2]
     probs = torch.softmax(logits.float(), dim=1).reshape(b, c, -1)
     labels = target.reshape(b, -1).long()
     if labels.shape[1] != probs.shape[2]:
         raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
-    p_true = probs.gather(1, labels.unsqueeze(1)).squeeze(1)  # [B, N] probability of the true class
+    if has_ignored is None:
+        has_ignored = bool((labels == c).any())
+    if has_ignored:
+        # the ignore label (nnU-Net v2: one above the last class) enters no sum. Only for batches
+        # that hold it: the masked sum of the probabilities costs one more full-size [B, C, N]
+        # buffer in backward, and `stunet-scale plan` (tests/test_plan.py) models the plain path.
+        valid = labels != c
+        labels = labels.masked_fill(~valid, 0)
+        valid_f = valid.to(probs.dtype)
+        p_true = probs.gather(1, labels.unsqueeze(1)).squeeze(1) * valid_f  # [B, N] probability of the true class
+        volume = torch.zeros(b, c, dtype=probs.dtype, device=probs.device).scatter_add_(1, labels, valid_f)
+        pred_sum = (probs * valid_f.unsqueeze(1)).sum(2)
+    else:
+        p_true = probs.gather(1, labels.unsqueeze(1)).squeeze(1)  # [B, N] probability of the true class
+        volume = torch.zeros(b, c, dtype=probs.dtype, device=probs.device).scatter_add_(
+            1, labels, torch.ones_like(p_true)
+        )
+        pred_sum = probs.sum(2)
     tp = torch.zeros(b, c, dtype=probs.dtype, device=probs.device).scatter_add_(1, labels, p_true)
-    volume = torch.zeros(b, c, dtype=probs.dtype, device=probs.device).scatter_add_(
-        1, labels, torch.ones_like(p_true)
-    )
-    pred_sum = probs.sum(2)
     if batch_dice:
+        if weights is not None:
+            tp, volume, pred_sum = tp * weights, volume * weights, pred_sum * weights
         tp, volume, pred_sum = tp.sum(0, keepdim=True), volume.sum(0, keepdim=True), pred_sum.sum(0, keepdim=True)
     # 2TP + FP + FN == sum(pred) + sum(target)
     return (2 * tp + smooth) / (pred_sum + volume + smooth).clamp_min(1e-8)
 
 
+def _host_annotated(annotated, b: int, c: int) -> torch.Tensor | None:
+    """``annotated`` as a host bool tensor [B, C], or None when every class is annotated."""
+    if annotated is None:
+        return None
+    if isinstance(annotated, torch.Tensor):
+        a = annotated.detach().to("cpu", torch.bool)  # the loader keeps it on the host: no sync then
+    else:
+        a = torch.as_tensor(annotated, dtype=torch.bool)
+    if tuple(a.shape) != (b, c):
+        raise ValueError(f"annotated has shape {tuple(a.shape)}, expected [batch, classes] = [{b}, {c}]")
+    return None if bool(a[:, 1:].all()) else a
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor | None = None,
+                  has_ignored: bool = True) -> torch.Tensor:
+    """Mean CE over the voxels whose label is not the ignore label (C), 0 when there is none.
+    ``has_ignored`` False: the caller knows there is no such voxel (plain mean CE).
+
+    ``annotated`` (host bool [B, C], from ``_host_annotated``): for sample b, a background voxel
+    scores log(p_0 + sum of p_k over the classes k unannotated in b), the marginal likelihood.
+    """
+    b, c = logits.shape[:2]
+    valid = labels != c
+    count = valid.sum().clamp_min(1).to(logits.dtype)
+    if annotated is None:
+        if not has_ignored:
+            return F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits, labels, ignore_index=c, reduction="sum") / count
+    merge = [0] + [k for k in range(1, c) if not bool(annotated[:, k].all())]  # unannotated somewhere
+    lp = F.log_softmax(logits, dim=1)
+    safe = labels.masked_fill(~valid, 0)
+    nll = -lp.gather(1, safe.unsqueeze(1)).squeeze(1)
+    # background merged with the sample's unannotated classes; only those channels are gathered
+    allowed = torch.tensor([[k == 0 or not bool(annotated[i, k]) for k in merge] for i in range(b)],
+                           device=logits.device).view(b, len(merge), *([1] * (logits.dim() - 2)))
+    merged = torch.logsumexp(lp[:, merge].masked_fill(~allowed, float("-inf")), dim=1)
+    nll = torch.where(safe == 0, -merged, nll)
+    return (nll * valid.to(nll.dtype)).sum() / count
+
+
 class DiceCELoss:
-    """Deep-supervised Dice + CE. Call with the model's outputs and the stream's targets.
+    """Deep-supervised Dice + CE. Call with the model's outputs and the stream's targets, and the
+    batch's ``annotated`` [B, C] bool (host) when some classes were unannotated in a sample's case.
 
     Returns ``(total, terms)`` where ``terms`` holds detached fp32 ``dice`` (mean soft Dice of the
-    full-resolution output, foreground classes) and ``ce`` (full resolution) for logging.
+    full-resolution output, annotated foreground classes) and ``ce`` (full resolution) for logging.
+    Target value C (the number of output channels) is the ignore label; see the module docstring.
     """
 
     def __init__(
@@ -74,14 +154,26 @@ class DiceCELoss:
         return cls(loss_cfg.deep_supervision_weights, loss_cfg.dice_weight, loss_cfg.ce_weight,
                    loss_cfg.dice_smooth, loss_cfg.batch_dice)
 
-    def single(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def single(self, logits: torch.Tensor, target: torch.Tensor, annotated=None,
+               has_ignored: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = logits.float()
+        b, c = logits.shape[:2]
         labels = target.reshape(target.shape[0], *target.shape[-3:]).long()
-        ce = F.cross_entropy(logits, labels)
-        dice = soft_dice_per_class(logits, labels, self.smooth, self.batch_dice)[:, 1:].mean()
+        ann = _host_annotated(annotated, b, c)
+        ce = cross_entropy(logits, labels, ann, has_ignored)
+        if ann is None:
+            dice = soft_dice_per_class(logits, labels, self.smooth, self.batch_dice,
+                                       has_ignored=has_ignored)[:, 1:].mean()
+        else:
+            # the mean over (sample, class) pairs whose class is annotated in that sample's case
+            w = ann.to(logits.device, torch.float32)
+            per = soft_dice_per_class(logits, labels, self.smooth, self.batch_dice, weights=w,
+                                      has_ignored=has_ignored)[:, 1:]
+            w = (w.amax(0, keepdim=True) if self.batch_dice else w)[:, 1:]
+            dice = (per * w).sum() / w.sum().clamp_min(1.0)
         return self.ce_weight * ce + self.dice_weight * (1.0 - dice), dice, ce
 
-    def __call__(self, outputs, targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, outputs, targets, annotated=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if isinstance(outputs, torch.Tensor):
             outputs, weights = (outputs,), [1.0]
         else:
@@ -97,12 +189,18 @@ class DiceCELoss:
         # there, so there is nothing to switch off.
         dev = outputs[0].device.type
         guard = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+        # Does the batch hold the ignore label (value C)? One flag read back from the device per
+        # micro-batch: the trainer reads its non-finite flag right after the loss anyway, so this
+        # stalls nothing of substance, and batches without it keep the plain (cheaper) loss. The
+        # full-resolution target holds every label value of the coarser ones (they are subsamples).
+        c = outputs[0].shape[1]
+        has_ignored = dev != "meta" and bool((targets[0] == c).any())
         with guard:
             total, terms = None, {}
             for i, (out, tgt, w) in enumerate(zip(outputs, targets, weights)):
                 # Zero-weighted outputs still enter the graph (times 0), so every parameter gets a
                 # gradient: DDP and ZeRO-3 expect that, and the cost at the coarsest scale is nil.
-                value, dice, ce = self.single(out, tgt)
+                value, dice, ce = self.single(out, tgt, annotated, has_ignored)
                 total = value * w if total is None else total + value * w
                 if i == 0:
                     terms = {"dice": dice.detach(), "ce": ce.detach()}

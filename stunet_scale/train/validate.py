@@ -12,12 +12,18 @@ Dice per class per case: 2TP / (2TP + FP + FN) on the argmax, NaN (left out of t
 the class is absent from both ground truth and prediction; averaged over cases, then over classes.
 Pseudo-Dice (nnU-Net): TP/FP/FN summed over a few training-like patches from validation cases
 (half centred on foreground), one number per class, cheap enough for every epoch.
+
+Both skip what the labels do not say (as the loss does): voxels with the ignore label (value
+``num_classes``, a source class the class map lacks) count for no class, whatever is predicted
+there, and a class unannotated in a case (``missing_classes`` of its manifest entry: no mask file)
+gets no Dice for that case (NaN, left out of the mean; no counts toward the pseudo-Dice).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +34,26 @@ from ..inference import count_forwards, sliding_window_inference
 log = logging.getLogger("stunet_scale.train")
 
 
-def confusion_counts(label: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[C, 3] (tp, fp, fn) per class from integer maps of equal shape."""
-    idx = label.reshape(-1).long() * num_classes + pred.reshape(-1).long()
+def confusion_counts(label: torch.Tensor, pred: torch.Tensor, num_classes: int,
+                     unannotated: Sequence[int] = ()) -> torch.Tensor:
+    """[C, 3] (tp, fp, fn) per class from integer maps of equal shape.
+
+    Voxels whose label is the ignore label (``num_classes``) are left out; the rows of the
+    ``unannotated`` classes are zero (their Dice is NaN: skipped)."""
+    label, pred = label.reshape(-1).long(), pred.reshape(-1).long()
+    keep = label != num_classes
+    if not bool(keep.all()):
+        label, pred = label[keep], pred[keep]
+    idx = label * num_classes + pred
     cm = torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes).double()
     tp = cm.diagonal()
     fp = cm.sum(0) - tp
     fn = cm.sum(1) - tp
-    return torch.stack([tp, fp, fn], 1)
+    counts = torch.stack([tp, fp, fn], 1)
+    skip = [int(k) for k in unannotated if 0 < int(k) < num_classes]
+    if skip:
+        counts[skip] = 0
+    return counts
 
 
 def dice_from_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -137,14 +155,15 @@ class Validator:
         self.backend.eval()
         try:
             for case_id, min_forwards in zip(mine, plan):
-                image, label, _ = self._load(case_id)
+                image, label, meta = self._load(case_id)
                 logits = sliding_window_inference(
                     self._forward, torch.as_tensor(image), patch, step_size=v.step_size,
                     mirror_axes=self.mirror_axes, device=self.backend.device, out_device="cpu",
                     min_forwards=min_forwards,
                 )
                 pred = logits.argmax(0)
-                d = dice_from_counts(confusion_counts(torch.as_tensor(label), pred, self.num_classes))
+                d = dice_from_counts(confusion_counts(torch.as_tensor(label), pred, self.num_classes,
+                                                      _unannotated(meta)))
                 ok = ~torch.isnan(d)
                 dice_sum[ok] += d[ok]
                 dice_n[ok] += 1
@@ -181,11 +200,12 @@ class Validator:
         try:
             for b in range(self.cfg.validation.pseudo_dice_batches):
                 case_id = self.cases[int(rng.integers(len(self.cases)))]
-                image, label, _ = self._load(case_id)
-                img, lab = _crop(np.asarray(image), np.asarray(label), patch, rng, foreground=b % 2 == 1)
+                image, label, meta = self._load(case_id)
+                img, lab = _crop(np.asarray(image), np.asarray(label), patch, rng, foreground=b % 2 == 1,
+                                 ignore_label=self.num_classes)
                 logits = self._forward(torch.from_numpy(img)[None].float())
                 pred = logits.float().argmax(1)[0].cpu()
-                counts += confusion_counts(torch.from_numpy(lab), pred, self.num_classes)
+                counts += confusion_counts(torch.from_numpy(lab), pred, self.num_classes, _unannotated(meta))
         finally:
             self.backend.after_eval()
             self.backend.train()
@@ -195,16 +215,24 @@ class Validator:
         return {"mean_dice": float(present.mean()) if len(present) else math.nan}
 
 
-def _crop(image: np.ndarray, label: np.ndarray, patch: list[int], rng, foreground: bool):
-    """A patch (padded with the image minimum where the case is smaller), random or on foreground."""
+def _unannotated(meta) -> list[int]:
+    """A validation case's unannotated classes (manifest ``missing_classes``; none when unknown)."""
+    return list((meta or {}).get("missing_classes") or []) if isinstance(meta, dict) else []
+
+
+def _crop(image: np.ndarray, label: np.ndarray, patch: list[int], rng, foreground: bool,
+          ignore_label: int | None = None):
+    """A patch (padded with the image minimum where the case is smaller), random or on foreground
+    (a class voxel: the ignore label is not foreground here)."""
     shape = label.shape
     pads = [(max(0, (p - s + 1) // 2), max(0, p - s - (p - s + 1) // 2)) for p, s in zip(patch, shape)]
     if any(a or b for a, b in pads):
         image = np.pad(image, [(0, 0)] + pads, constant_values=float(image.min()))
         label = np.pad(label, pads)
         shape = label.shape
-    if foreground and (label > 0).any():
-        fg = np.argwhere(label > 0)
+    fg_mask = (label > 0) if ignore_label is None else (label > 0) & (label != ignore_label)
+    if foreground and fg_mask.any():
+        fg = np.argwhere(fg_mask)
         centre = fg[int(rng.integers(len(fg)))]
         start = [int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, patch, shape)]
     else:
