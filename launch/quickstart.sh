@@ -10,11 +10,11 @@ PATH="$PWD/.venv/bin:$PATH"
 stunet-scale info
 
 # Demo data: 8 synthetic CTs in the TotalSegmentator layout -> a validated Zarr v3 + WebDataset store.
-# Skipped when already there, so re-running the quickstart is cheap.
-if [ ! -f data_shards/demo/manifest.json ]; then
-    stunet-scale demo-data data_shards/demo_raw --cases 8
-    stunet-scale prepare data_shards/demo_raw data_shards/demo --classes stunet
-fi
+# The raw phantoms are generated once; `prepare` always runs: it is idempotent and skips every case
+# whose inputs and preprocessing parameters are unchanged, so a re-run costs seconds, and a store
+# written by an older stunet-scale (another store format or preprocessing) is brought up to date.
+[ -f data_shards/demo_raw/meta.csv ] || stunet-scale demo-data data_shards/demo_raw --cases 8
+stunet-scale prepare data_shards/demo_raw data_shards/demo --classes stunet
 # Train the tiny STU-Net of configs/debug.yaml (300 steps, checkpoints every 100, validation, MLflow in
 # runs/debug/mlflow.db). `checkpoint.resume: auto`: a re-run continues, or finds the run finished and exits 0.
 stunet-scale train --config configs/debug.yaml

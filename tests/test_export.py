@@ -178,6 +178,12 @@ def test_store_manifest_flows_into_spec_and_plans(tmp_path):
     assert conf["normalization_schemes"] == ["CTNormalization"] and conf["resampling_fn_data_kwargs"]["order"] == 1
     with pytest.raises(ValueError, match="--manifest"):
         spec_from_train_config(cfg, manifest={"class_map": manifest["class_map"]})
+    # data.normalization=zscore: nnU-Net's nonzero-box statistics, unless the store predates them
+    # (format 1), whose "zscore" was the stored crop's, which the spec must then say.
+    cfg["data"]["normalization"] = "zscore"
+    assert spec_from_train_config(cfg, manifest={**manifest, "format_version": 2}).crop == "nonzero"
+    old = {**manifest, "format_version": 1, "preprocessing": {**manifest["preprocessing"], "crop": "body"}}
+    assert spec_from_train_config(cfg, manifest=old).crop == "body"
 
 
 def test_nnunet_folder_without_our_spec_is_read_from_its_plans(tmp_path, exported):

@@ -1,6 +1,6 @@
 """Our exports compute, in the downstream tools, the function we trained (issue: faithful checkpoints).
 
-A tiny STU-Net is trained for 200 steps by the real trainer on the demo store, with the release's
+A tiny STU-Net is trained for 300 steps by the real trainer on the demo store, with the release's
 conventions (anisotropic last down-sampling, nnU-Net's z-score statistics), and exported. Then:
 
 1. A network built, in nnU-Net's own conventions, from plans that mirror the released STU-Net plans
@@ -17,6 +17,7 @@ Each comparison has a control that must fail: the trained weights without the ax
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -41,18 +42,18 @@ from stunet_scale.predict import Runtime, network_logits, predict, read_case
 # The release's five down-samplings end in [1, 1, 2] (z, y, x); the tiny model keeps that shape of
 # pyramid with four stages: the last down-sampling halves x only. In the trainer's (x, y, z) order:
 TINY_STRIDES_XYZ = [[2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 1, 1]]
-STEPS = 200
+STEPS = 300  # configs/debug.yaml: 6 epochs x 100 samples / batch 2
 
 
 @pytest.fixture(scope="module")
 def trained(prepared_demo, tmp_path_factory):
-    """(export dir, run dir): the real trainer, 200 steps on the demo store, then `export`."""
+    """(export result, run dir): the real trainer, 300 steps on the demo store, then `export`."""
     from stunet_scale.train import EXIT_OK, main
 
     root = tmp_path_factory.mktemp("fidelity")
     run = root / "run"
     code = main(["--config", str(REPO / "configs" / "debug.yaml"), f"run_dir={run}", f"data.root={prepared_demo}",
-                 f"model.pool_strides={json.dumps(TINY_STRIDES_XYZ)}", "schedule.epochs=4",
+                 f"model.pool_strides={json.dumps(TINY_STRIDES_XYZ)}", "schedule.epochs=6",
                  "schedule.samples_per_epoch=100", f"checkpoint.every_steps={STEPS}", "validation.enabled=false",
                  "tracking.enabled=false", "tracking.log_every_steps=100"])
     assert code == EXIT_OK
@@ -252,3 +253,35 @@ def test_released_s_file_round_trips_bit_identical_and_predicts_identically(tmp_
     before = np.asarray(nib.load(str(tmp_path / "before.nii.gz")).dataobj)
     after = np.asarray(nib.load(str(tmp_path / "after.nii.gz")).dataobj)
     assert np.array_equal(before, after)
+
+
+def test_init_from_a_released_file_continues_in_the_trainers_axes(tmp_path):
+    """`checkpoint.init_from` (continuing pretraining from a released file): the trainer's model runs
+    in RAS (x, y, z) with the recipe's strides; the release's (z, y, x) kernels arrive reversed, and
+    a model whose strides differ from the checkpoint's is told so in the report."""
+    from test_load_pretrained import released_like, write_v1_model
+
+    from stunet_scale.config import load_config
+    from stunet_scale.export import initialize_from_pretrained
+    from stunet_scale.models import build_stunet
+
+    sd = released_like("S", seed=4)
+    write_v1_model(tmp_path / "small_ep4k.model", sd)
+    recipe = load_config(REPO / "configs" / "pretrain" / "totalseg_stunet_s.yaml")
+    model = build_stunet(recipe.model)
+    report = initialize_from_pretrained(model, tmp_path / "small_ep4k.model")
+    key = "conv_blocks_context.1.0.conv1.weight"
+    assert torch.equal(model.state_dict()[key], sd[key].permute(0, 1, 4, 3, 2))
+    assert any("converted from ras_zyx to ras_xyz" in n for n in report.notes)
+    assert not any("pool strides differ" in n for n in report.notes)
+    # The same weights in a 5 x [2,2,2] model: they load, but the report says the function differs.
+    iso = build_stunet("S")
+    report = initialize_from_pretrained(iso, tmp_path / "small_ep4k.model")
+    assert any("pool strides differ" in n for n in report.notes)
+    # Round trip: the trainer's weights exported again are the released tensors, bit for bit.
+    released = read_weights(tmp_path / "small_ep4k.model").spec
+    trained = dataclasses.replace(released, axis_order=TRAINING_AXIS_ORDER,
+                                  model={**released.model, "pool_strides": recipe.model.pool_strides})
+    back, spec = to_axis_order(dict(model.state_dict()), trained, TRANSFER_AXIS_ORDER)
+    assert spec.model["pool_strides"] == RELEASED_POOL_STRIDES
+    assert all(torch.equal(back[k], v) for k, v in sd.items())

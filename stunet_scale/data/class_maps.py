@@ -172,24 +172,15 @@ def source_correspondence(source_names: Iterable[str], target: str) -> Correspon
     known = set(cmap.foreground)
     names = [n for n in dict.fromkeys(source_names) if n != "background"]
     mapped = {n: n for n in names if n in known}
-    to_ignore = {}
-    for n in names:
-        if n in known:
-            continue
-        if n in TOTALSEG_V2_ONLY and cmap.totalseg_version == "v1":
-            to_ignore[n] = f"TotalSegmentator v2 only: {TOTALSEG_V2_ONLY[n]}"
-        elif n in TOTALSEG_V1_ONLY and cmap.totalseg_version == "v2":
-            to_ignore[n] = f"TotalSegmentator v1 only: {TOTALSEG_V1_ONLY[n]}"
-        else:
-            to_ignore[n] = f"not a class of map {target!r}"
-    unannotated = {}
-    for n in cmap.foreground:
-        if n in mapped:
-            continue
-        if n in TOTALSEG_V1_ONLY and cmap.totalseg_version == "v1":
-            unannotated[n] = f"TotalSegmentator v1 only: {TOTALSEG_V1_ONLY[n]}"
-        elif n in TOTALSEG_V2_ONLY and cmap.totalseg_version == "v2":
-            unannotated[n] = f"TotalSegmentator v2 only: {TOTALSEG_V2_ONLY[n]}"
-        else:
-            unannotated[n] = "no mask file / label of this name in the dataset"
+    v = cmap.totalseg_version
+    other = {"v1": "v2", "v2": "v1"}.get(v)
+    to_ignore = {n: _release_only(n, other) or f"not a class of map {target!r}" for n in names if n not in known}
+    unannotated = {n: _release_only(n, v) or "no mask file / label of this name in the dataset"
+                   for n in cmap.foreground if n not in mapped}
     return Correspondence(mapped, to_ignore, unannotated)
+
+
+def _release_only(name: str, version: str | None) -> str | None:
+    """Why ``name`` exists only in TotalSegmentator ``version`` ("v1"/"v2"), or None."""
+    table = {"v1": TOTALSEG_V1_ONLY, "v2": TOTALSEG_V2_ONLY}.get(version or "", {})
+    return f"TotalSegmentator {version} only: {table[name]}" if name in table else None

@@ -204,6 +204,9 @@ def spec_from_train_config(cfg: dict, *, training: dict | None = None, manifest:
         manifest = read_manifest(data.get("root"))
     labels, class_map, version = labels_for(data.get("class_map"), model.num_classes, manifest)
     mode = data.get("normalization", "zscore")
+    if mode == "zscore" and (manifest or {}).get("format_version") == 1:
+        # Stores before format 2 had no nnU-Net statistics: "zscore" then meant the stored crop's.
+        mode = "zscore_stored"
     # The spec says which statistics a consumer must compute: z-score over nnU-Net's nonzero box of
     # the original image (crop="nonzero", data.normalization=zscore) or over the stored crop
     # (zscore_stored: the store's crop, e.g. the body box; nnU-Net cannot reproduce that one).
