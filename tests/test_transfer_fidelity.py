@@ -1,7 +1,8 @@
 """Our exports compute, in the downstream tools, the function we trained (issue: faithful checkpoints).
 
-A tiny STU-Net is trained for 300 steps by the real trainer on the demo store, with the release's
-conventions (anisotropic last down-sampling, nnU-Net's z-score statistics), and exported. Then:
+A tiny STU-Net is trained for 300 steps by the real trainer (demo phantoms as an nnU-Net raw dataset
+with 4 labels, prepared by `prepare`), with the release's conventions (anisotropic last
+down-sampling, nnU-Net's z-score statistics), and exported. Then:
 
 1. A network built, in nnU-Net's own conventions, from plans that mirror the released STU-Net plans
    (transforms_fidelity.md §1: ``transpose_forward [0,1,2]``, ``ZScoreNormalization`` without mask,
@@ -45,17 +46,62 @@ TINY_STRIDES_XYZ = [[2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 1, 1]]
 STEPS = 300  # configs/debug.yaml: 6 epochs x 100 samples / batch 2
 
 
+# A downstream-style label set with clear CT contrast, so that 300 steps give a model that decides:
+# a model that has learned little has near-tied logits over much of a CT, and nnU-Net's fp16
+# sliding-window accumulator then flips the arg-max there whatever the export does.
+GROUPS = {
+    "lung": ("lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right", "lung_middle_lobe_right",
+             "lung_lower_lobe_right"),
+    "bone": ("sacrum", "hip_left", "hip_right", "femur_left", "femur_right"),  # + every vertebra below
+    "kidney": ("kidney_left", "kidney_right"),
+    "aorta": ("aorta",),
+}
+
+
+def _few_label_dataset(root: Path, cases: int = 6) -> Path:
+    """Demo phantoms as an nnU-Net raw dataset with 4 merged labels, on-disk RAS, 1.5-2 mm."""
+    from stunet_scale.data.demo import phantom
+
+    names = ["background", *GROUPS]
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i in range(cases):
+        rng = np.random.default_rng([11, i])
+        spacing = (float(rng.uniform(1.5, 2.0)),) * 2 + (float(rng.uniform(1.5, 2.5)),)
+        shape = tuple(int(round(e / s)) for e, s in zip((185.0, 150.0, 160.0), spacing))
+        ct, masks = phantom(rng, shape, spacing, "v1")
+        label = np.zeros(shape, np.uint8)
+        for value, group in enumerate(GROUPS, 1):
+            members = GROUPS[group] + (tuple(n for n in masks if n.startswith("vertebrae")) if group == "bone" else ())
+            for n in members:
+                if n in masks:
+                    label[masks[n]] = value
+        affine = np.diag([*spacing, 1.0])
+        nib.save(nib.Nifti1Image(ct, affine), str(root / "imagesTr" / f"case{i:02d}_0000.nii.gz"))
+        nib.save(nib.Nifti1Image(label, affine), str(root / "labelsTr" / f"case{i:02d}.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {n: k for k, n in enumerate(names)}, "numTraining": cases,
+        "file_ending": ".nii.gz"}))
+    return root
+
+
 @pytest.fixture(scope="module")
-def trained(prepared_demo, tmp_path_factory):
-    """(export result, run dir): the real trainer, 300 steps on the demo store, then `export`."""
+def trained(tmp_path_factory):
+    """(export result, run dir): the real trainer, 300 steps on a prepared demo dataset, then `export`."""
+    from stunet_scale.data.prepare import prepare_dataset
     from stunet_scale.train import EXIT_OK, main
 
     root = tmp_path_factory.mktemp("fidelity")
+    raw = _few_label_dataset(root / "raw")
+    # nnU-Net's nonzero crop (all of a CT): the model sees the air around the body as background
+    done = prepare_dataset(raw, root / "store", format="zarr", crop="nonzero")
+    assert done["exit_code"] == 0, done
     run = root / "run"
-    code = main(["--config", str(REPO / "configs" / "debug.yaml"), f"run_dir={run}", f"data.root={prepared_demo}",
+    code = main(["--config", str(REPO / "configs" / "debug.yaml"), f"run_dir={run}", f"data.root={root / 'store'}",
+                 "data.class_map=dataset.json", f"model.num_classes={len(GROUPS) + 1}",
                  f"model.pool_strides={json.dumps(TINY_STRIDES_XYZ)}", "schedule.epochs=6",
                  "schedule.samples_per_epoch=100", f"checkpoint.every_steps={STEPS}", "validation.enabled=false",
-                 "tracking.enabled=false", "tracking.log_every_steps=100"])
+                 "tracking.enabled=false", "tracking.log_every_steps=100", "augmentation.enabled=false"])
     assert code == EXIT_OK
     result = export(run, root / "export", log=lambda *a: None)
     return result, run
@@ -176,8 +222,10 @@ def test_release_plans_network_in_nnunet_computes_our_logits(trained, tmp_path):
         err = float(diff.kthvalue(int(0.999 * diff.numel())).values)
         print(f"{name}: input max diff {np.abs(theirs_x - ours_x).max():.2e}; logits |diff| 99.9th pct {err:.2e}, "
               f"max {float(diff.max()):.2e} (logit scale {scale:.1f})")
+        agree = float((theirs.argmax(0) == ours.argmax(0)).float().mean())
+        print(f"{name}: arg-max agreement {agree:.4%}")
         assert err < 1e-2 * scale, (name, err, scale)
-        assert (theirs.argmax(0) == ours.argmax(0)).float().mean() > 0.998, name  # near-ties
+        assert agree > 0.998, name  # near-ties within nnU-Net's fp16 rounding may flip
         assert len(torch.unique(ours.argmax(0))) >= 3, "a trained model, not one class everywhere"
         if k == 0:
             # Control: the trained (x, y, z) weights without the conversion compute something else.
