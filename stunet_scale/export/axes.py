@@ -44,6 +44,27 @@ def reverse_spatial(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.permute(0, 1, 4, 3, 2).contiguous()
 
 
+_CHUNK_BYTES = 1 << 20  # temporaries this small come from (and go back to) the same malloc bins
+
+
+def _reverse_spatial_in_place(tensor: torch.Tensor) -> torch.Tensor:
+    """``reverse_spatial`` written into ``tensor``'s own storage, a few output channels at a time.
+
+    Returns the view of that storage with the reversed shape (the same shape for cubic kernels).
+    Whole-tensor temporaries (up to 1536 x 1536 x 27 floats for STU-Net-H) would leave the heap
+    fragmented; ~1 MB chunks of output channels are reused bin for bin.
+    """
+    o = tensor.shape[0]
+    per_channel = tensor[0].numel() * tensor.element_size()
+    step = max(1, _CHUNK_BYTES // max(1, per_channel))
+    flat = tensor.view(o, -1)
+    for start in range(0, o, step):
+        block = tensor[start:start + step]
+        flat[start:start + step].copy_(block.permute(0, 1, 4, 3, 2).reshape(block.shape[0], -1))
+    k0, k1, k2 = tensor.shape[2:]
+    return tensor.view(o, tensor.shape[1], k2, k1, k0)
+
+
 def _reverse_triples(triples: list) -> list:
     return [list(t)[::-1] for t in triples]
 
@@ -72,17 +93,23 @@ def convert_spec(spec: ModelSpec, to: str) -> ModelSpec:
     )
 
 
-def to_axis_order(state_dict: MutableMapping[str, torch.Tensor], spec: ModelSpec, to: str,
-                  ) -> tuple["OrderedDict[str, torch.Tensor]", ModelSpec]:
-    """``(state_dict, spec)`` in convention ``to``. The identity (same objects) when already there.
+def to_axis_order(state_dict: MutableMapping[str, torch.Tensor], spec: ModelSpec, to: str, *,
+                  in_place: bool = False) -> tuple["OrderedDict[str, torch.Tensor]", ModelSpec]:
+    """``(state_dict, spec)`` in convention ``to``. The identity (same tensors) when already there.
 
-    The input mapping is emptied as it is converted, so converting a 1.46B-parameter model holds one
-    extra tensor at a time, not a second copy of the model; pass a copy to keep the original.
+    ``in_place``: the caller owns the tensors (just read them from a file): each conv weight is
+    rewritten inside its own storage through one temporary the size of that tensor, so converting a
+    1.46B-parameter model costs no second copy of it (allocating a new tensor per key and dropping
+    the old one does not give the memory back: glibc keeps freed heap chunks). Otherwise new
+    tensors are made and the caller's are left as they were.
     """
     new_spec = convert_spec(spec, to)
     if new_spec is spec:
         return (state_dict if isinstance(state_dict, OrderedDict) else OrderedDict(state_dict)), spec
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for key in list(state_dict):
-        out[key] = reverse_spatial(state_dict.pop(key))
+    for key, tensor in state_dict.items():
+        if in_place and tensor.dim() == 5 and tensor.is_contiguous():
+            out[key] = _reverse_spatial_in_place(tensor)
+        else:
+            out[key] = reverse_spatial(tensor)
     return out, new_spec

@@ -117,7 +117,8 @@ def export(
     if validation:
         weights.spec.training = dict(weights.spec.training, validation=json.loads(Path(validation).read_text()))
     # Every file we write holds the release's convention, whatever the source ran in (one function).
-    weights.state_dict, weights.spec = to_axis_order(weights.state_dict, weights.spec, TRANSFER_AXIS_ORDER)
+    weights.state_dict, weights.spec = to_axis_order(weights.state_dict, weights.spec, TRANSFER_AXIS_ORDER,
+                                                       in_place=True)
     params = _check_fits(weights)
     spec = weights.spec
     name = name or default_name(weights)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,12 +92,12 @@ def initialize_from_pretrained(
     if axis_order not in AXIS_ORDERS:
         raise ValueError(f"axis_order must be one of {AXIS_ORDERS}, got {axis_order!r}")
     if isinstance(path, Weights):
-        # the caller's object stays as it was: convert a shallow copy (tensors are shared until reversed)
-        ckpt, spec = to_axis_order(OrderedDict(path.state_dict), path.spec, axis_order)
+        # the caller's object stays as it was: new tensors where the convention differs
+        ckpt, spec = to_axis_order(path.state_dict, path.spec, axis_order)
         weights = path
     else:
         weights = read_weights(path)
-        ckpt, spec = to_axis_order(weights.state_dict, weights.spec, axis_order)
+        ckpt, spec = to_axis_order(weights.state_dict, weights.spec, axis_order, in_place=True)
     source = weights.path
     net = _unwrap(model)
     target = net.state_dict()
@@ -219,7 +218,8 @@ def load_pretrained(
     """
     weights = read_weights(path)
     if axis_order is not None and axis_order != weights.spec.axis_order:
-        weights.state_dict, weights.spec = to_axis_order(weights.state_dict, weights.spec, axis_order)
+        weights.state_dict, weights.spec = to_axis_order(weights.state_dict, weights.spec, axis_order,
+                                                           in_place=True)
     spec = weights.spec
     overrides = dict(model_overrides)
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}

@@ -103,19 +103,25 @@ def _host_annotated(annotated, b: int, c: int) -> torch.Tensor | None:
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, annotated: torch.Tensor | None = None,
                   has_ignored: bool = True) -> torch.Tensor:
-    """Mean CE over the voxels whose label is not the ignore label (C), 0 when there is none.
-    ``has_ignored`` False: the caller knows there is no such voxel (plain mean CE).
+    """CE: per sample the mean over its voxels whose label is not the ignore label (C), then the
+    mean over samples (a sample with no such voxel contributes 0). ``has_ignored`` False: the caller
+    knows there is no ignored voxel (plain mean CE, identical).
+
+    Per sample first, so that the loss of a global batch does not depend on how it is split into
+    micro-batches and ranks (2 ranks x 1 sample must equal 1 rank x 2 samples for exact resume on
+    another world size); one pooled mean would weight samples by their count of non-ignored voxels.
 
     ``annotated`` (host bool [B, C], from ``_host_annotated``): for sample b, a background voxel
     scores log(p_0 + sum of p_k over the classes k unannotated in b), the marginal likelihood.
     """
     b, c = logits.shape[:2]
+    if annotated is None and not has_ignored:
+        return F.cross_entropy(logits, labels)
     valid = labels != c
-    count = valid.sum().clamp_min(1).to(logits.dtype)
+    count = valid.reshape(b, -1).sum(1).clamp_min(1).to(logits.dtype)  # [B]
     if annotated is None:
-        if not has_ignored:
-            return F.cross_entropy(logits, labels)
-        return F.cross_entropy(logits, labels, ignore_index=c, reduction="sum") / count
+        nll = F.cross_entropy(logits, labels, ignore_index=c, reduction="none")  # 0 where ignored
+        return (nll.reshape(b, -1).sum(1) / count).mean()
     merge = [0] + [k for k in range(1, c) if not bool(annotated[:, k].all())]  # unannotated somewhere
     lp = F.log_softmax(logits, dim=1)
     safe = labels.masked_fill(~valid, 0)
@@ -125,7 +131,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, annotated: torch.T
                            device=logits.device).view(b, len(merge), *([1] * (logits.dim() - 2)))
     merged = torch.logsumexp(lp[:, merge].masked_fill(~allowed, float("-inf")), dim=1)
     nll = torch.where(safe == 0, -merged, nll)
-    return (nll * valid.to(nll.dtype)).sum() / count
+    return ((nll * valid.to(nll.dtype)).reshape(b, -1).sum(1) / count).mean()
 
 
 class DiceCELoss:
@@ -170,7 +176,9 @@ class DiceCELoss:
             per = soft_dice_per_class(logits, labels, self.smooth, self.batch_dice, weights=w,
                                       has_ignored=has_ignored)[:, 1:]
             w = (w.amax(0, keepdim=True) if self.batch_dice else w)[:, 1:]
-            dice = (per * w).sum() / w.sum().clamp_min(1.0)
+            # per sample the mean over its annotated classes, then over samples: independent of
+            # how the global batch is split into micro-batches and ranks (see cross_entropy)
+            dice = ((per * w).sum(1) / w.sum(1).clamp_min(1.0)).mean()
         return self.ce_weight * ce + self.dice_weight * (1.0 - dice), dice, ce
 
     def __call__(self, outputs, targets, annotated=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
