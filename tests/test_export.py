@@ -94,7 +94,12 @@ def test_safetensors_config_and_card(exported):
     assert config["spacing_mm"] == [2.0, 2.0, 2.0] and config["normalization"]["scheme"] == "zscore"
     assert config["training"]["steps"] == 120 and config["training"]["samples_seen"] == 240
     assert config["training"]["git_revision"] == "0123abcd"
+    # the convention downstream tools need, stated where they look
+    assert config["axis_order"] == "ras_zyx" and "SimpleITK" in config["axis_convention"]
+    assert config["pool_strides"] == [s[::-1] for s in spec.model["pool_strides"]]
+    assert "nnU-Net" in config["normalization"]["intensity_region"]
     card = (result.out / "hf" / "README.md").read_text()
+    assert "convention of the released STU-Net checkpoints" in card
     assert card.startswith("---\nlibrary_name: stunet-scale\nlicense: other")
     assert "| liver | 0.9100 |" in card and "| kidney_left | 0.7700 |" in card  # validation Dice table
     # sha256 of every weights/config file is in the card and in SHA256SUMS
