@@ -144,7 +144,7 @@ def _demo_data(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     out = write_demo_dataset(args.out, cases=args.cases, seed=args.seed, classes=args.classes, shape=shape,
                              spacing=args.spacing)
-    print(f"wrote {args.cases} demo case(s) to {out}")
+    print(f"demo dataset ready: {out} ({args.cases} case(s); an unchanged request writes nothing)")
     return 0
 
 
@@ -322,6 +322,58 @@ def _add_predict(sub) -> None:
     p.set_defaults(func=_predict)
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import run_evaluate
+
+    return run_evaluate(args)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="per-class Dice of predicted labels against reference masks, paired by class name")
+    p.add_argument("prediction", help="label NIfTI (e.g. from `stunet-scale predict`) or a folder of <case>.nii.gz")
+    p.add_argument("reference", help="TotalSegmentator case folder (segmentations/<class>.nii.gz) or nnU-Net label "
+                                     "NIfTI; for a prediction folder: the dataset root or labelsTr/ folder")
+    p.add_argument("--labels", default=None,
+                   help="names of the prediction's values: export folder or its config.json, predict's labels.json, "
+                        "or a dataset.json (default: the labels.json predict wrote beside the prediction)")
+    p.add_argument("--reference-labels", default=None,
+                   help="dataset.json naming an nnU-Net reference's values (default: the one beside or above it)")
+    p.add_argument("--largest", type=int, default=10, help="also report the mean Dice over this many largest classes present")
+    p.add_argument("--out", default=None, help="write per-case, per-class results and the means as JSON")
+    p.set_defaults(func=_evaluate)
+
+
+def _transfer_study(args: argparse.Namespace) -> int:
+    from .transfer_study import run_transfer_study_cli
+
+    return run_transfer_study_cli(args)
+
+
+def _add_transfer_study(sub) -> None:
+    p = sub.add_parser("transfer-study", help="pretrained export vs from scratch on a small downstream task: "
+                                              "Dice curves (PNG) and a table")
+    p.add_argument("--run-dir", default="runs/transfer_study", help="where everything of the study goes")
+    p.add_argument("--pretrained", default=None, metavar="EXPORT_DIR",
+                   help="fine-tune this export (`stunet-scale export` output) instead of pretraining one here")
+    p.add_argument("--pretrain-config", default="configs/debug.yaml",
+                   help="pretraining recipe on the demo TotalSegmentator set (default: the quickstart's)")
+    p.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the pretraining run (repeatable), e.g. schedule.epochs=12")
+    p.add_argument("--pretrain-cases", type=int, default=8, help="demo phantoms to pretrain on")
+    p.add_argument("--config", default="configs/transfer_study.yaml",
+                   help="fine-tuning config of both runs (the architecture always comes from the export)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps of each downstream run")
+    p.add_argument("--val-every", type=int, default=20, help="steps between validations (divides --steps)")
+    p.add_argument("--train-cases", type=int, default=3, help="labelled downstream training cases")
+    p.add_argument("--val-cases", type=int, default=4, help="held-out downstream validation cases")
+    p.add_argument("--modality", choices=["ct", "mr"], default="ct",
+                   help="downstream images: CT, or an MR-like remapping of the phantoms' tissue contrast")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the downstream phantoms")
+    p.add_argument("--seed", type=int, default=0, help="seed of both downstream runs (init, sample plan)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for both downstream runs, e.g. optim.lr=0.01")
+    p.set_defaults(func=_transfer_study)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stunet-scale",
@@ -330,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_add_info, _add_config, _add_demo_data, _add_prepare, _add_train, _add_plan, _add_bench,
-                _add_export, _add_predict):
+                _add_export, _add_predict, _add_evaluate, _add_transfer_study):
         add(sub)
     return parser
 

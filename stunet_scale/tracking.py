@@ -302,8 +302,20 @@ def _save_figure(plt, fig, path: Path) -> None:
     plt.close(fig)  # pyplot keeps every open figure alive; a long run plots hundreds
 
 
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what exists): a per-step loss on batch 2
+    swings by its own size, the trend is what a reader wants to see."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
 def plot_progress(history: list[dict], path: Path) -> Path | None:
-    """Loss terms and lr over steps, plus validation Dice if any (nnU-Net's progress.png)."""
+    """Loss terms (raw and smoothed) and lr over steps, plus validation Dice if any (nnU-Net's progress.png)."""
     train = [r for r in history if r.get("kind") == "train" and r.get("loss") is not None]
     if not train:
         return None
@@ -311,8 +323,12 @@ def plot_progress(history: list[dict], path: Path) -> Path | None:
     val = [r for r in history if r.get("kind") in ("val", "pseudo_dice") and r.get("mean_dice") is not None]
     fig, axes = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     steps = [r["step"] for r in train]
-    axes[0].plot(steps, [r["loss"] for r in train], lw=0.8, label="loss (Dice + CE)")
-    axes[0].plot(steps, [r.get("ce") for r in train], lw=0.6, alpha=0.7, label="CE")
+    loss = [r["loss"] for r in train]
+    window = max(1, len(train) // 20)
+    axes[0].plot(steps, loss, lw=0.6, alpha=0.35, color="tab:blue", label="loss (Dice + CE)")
+    axes[0].plot(steps, smooth(loss, window), lw=1.6, color="tab:blue", label=f"loss, mean of {window} log points")
+    axes[0].plot(steps, smooth([r.get("ce") or 0.0 for r in train], window), lw=0.9, alpha=0.8, color="tab:orange",
+                 label="CE (smoothed)")
     axes[0].set_ylabel("training loss")
     ax2 = axes[0].twinx()
     for kind, marker in (("pseudo_dice", "."), ("val", "o")):
@@ -348,22 +364,34 @@ def plot_class_dice(dice: dict[str, float], path: Path, title: str) -> Path | No
     return path
 
 
-def plot_preview(image, label, pred, path: Path, title: str) -> Path:
-    """Middle axial slice: image, ground truth and prediction overlays (numpy arrays [X,Y,Z])."""
+def plot_preview(image, label, pred, path: Path, title: str, class_names: list[str] | None = None) -> Path:
+    """Image, ground truth and prediction on the axial slice with the most labelled voxels
+    (numpy arrays [X, Y, Z], RAS), shown radiologically (patient right on the viewer's left,
+    anterior up), with a legend of the classes on that slice. Colours follow label values."""
     import numpy as np
+    from matplotlib.patches import Patch
 
     plt = _plt()
-    z = image.shape[2] // 2
-    img = np.rot90(image[:, :, z])
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    z = int(np.argmax((label > 0).reshape(-1, label.shape[2]).sum(0))) if label.any() else image.shape[2] // 2
+    view = lambda a: np.asarray(a[:, :, z]).T[::-1, ::-1]  # noqa: E731 - rows: anterior->posterior, cols: right->left
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
     cmap = plt.get_cmap("tab20")
+    shown = sorted((set(np.unique(view(label)).tolist()) | set(np.unique(view(pred)).tolist())) - {0})
     for ax, seg, name in zip(axes, (None, label, pred), ("image", "ground truth", "prediction")):
-        ax.imshow(img, cmap="gray")
+        ax.imshow(view(image), cmap="gray")
         if seg is not None:
-            s = np.rot90(seg[:, :, z]).astype(float)
+            s = view(seg).astype(float)
             ax.imshow(np.ma.masked_where(s == 0, s % 20), cmap=cmap, alpha=0.5, vmin=0, vmax=19, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    _save_figure(plt, fig, path)
+    names = class_names or []
+    handles = [Patch(color=cmap(int(k) % 20), alpha=0.7, label=names[int(k)] if int(k) < len(names) else f"label {int(k)}")
+               for k in shown]
+    if handles:
+        fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+        fig.subplots_adjust(right=0.8)
+    fig.suptitle(f"{title} (axial slice {z}, patient right on the left)", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
     return path

@@ -57,6 +57,33 @@ def test_correspondence_tables_are_the_diff_of_the_shipped_maps():
     assert "an_extra_mask" in source_correspondence(["liver", "an_extra_mask"], "stunet").to_ignore
 
 
+def test_subset_map_makes_other_totalsegmentator_classes_background_unless_they_may_overlap():
+    major = load_class_map("totalseg-major")
+    v1, v2 = set(load_class_map("totalseg-v1").foreground), set(load_class_map("totalseg-v2").foreground)
+    assert major.others_background and set(major.foreground) <= v1 & v2 and major.num_outputs == 25
+    c = source_correspondence(load_class_map("totalseg-v2").foreground, "totalseg-major")
+    assert c.mapped == {n: n for n in major.foreground} and not c.unannotated
+    # heart and S1 cover no subset class: background; v1 may have counted kidney cysts in the kidney: ignored
+    assert {"heart", "vertebrae_S1", "vertebrae_L1", "colon"} <= set(c.to_background)
+    assert set(c.to_ignore) == {"kidney_cyst_left", "kidney_cyst_right"}
+    assert "an_extra_mask" in source_correspondence(["liver", "an_extra_mask"], "totalseg-major").to_ignore
+
+
+def test_prepare_with_the_subset_map_stores_other_classes_as_background(tmp_path):
+    raw = tmp_path / "raw"
+    _write_case(raw, "s0001")
+    (raw / "meta.csv").write_text("image_id;split\ns0001;train\n")
+    r = prepare_dataset(raw, tmp_path / "out", classes="totalseg-major", format="zarr", spacing=1.5)
+    assert r["exit_code"] == 0
+    major = load_class_map("totalseg-major")
+    store = open_store(tmp_path / "out")
+    (x0, x1), (y0, y1), (z0, z1) = store.meta("s0001")["geometry"]["crop_box"]
+    want = np.zeros(SHAPE, np.uint8)  # heart, L1 and spinal cord: background, not ignored
+    want[BOXES["aorta"]] = major.index("aorta")
+    want[BOXES["liver"]] = major.index("liver")
+    np.testing.assert_array_equal(store.case("s0001").label[...], want[x0:x1, y0:y1, z0:z1])
+
+
 # ------------------------------------------------------------------------------------------------
 # prepare --classes stunet on v2 data
 # ------------------------------------------------------------------------------------------------

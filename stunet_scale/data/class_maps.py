@@ -19,11 +19,18 @@ head, the common case) follows ``TOTALSEG_V1_ONLY`` / ``TOTALSEG_V2_ONLY`` below
 * a target class no source file provides (v1 ``heart_atrium_left`` from v2 data) is *unannotated*
   for the case (``missing_classes`` in the manifest): the loss marginalises it into background and
   validation skips it, so predicting it is never penalised.
+
+A *subset* map (``totalseg-major``: 24 large structures under their TotalSegmentator names) is a
+deliberate choice of classes, not another release: every other TotalSegmentator class of either
+release is background for it (its mask file is not even read), except a release-only class whose
+note above names a class of the subset (v2 ``kidney_cyst_left`` with ``kidney_left``): that one
+stays ignored, because v1 may count its voxels in the subset class.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,7 +43,11 @@ CLASS_MAP_FILES = {
     "totalseg-v1": ("totalsegmentator_v1.json", "v1", "TotalSegmentator v1, official ids (1 = spleen)"),
     "totalseg-v2": ("totalsegmentator_v2.json", "v2", "TotalSegmentator v2.0.1, official ids (1 = spleen)"),
     "stunet": ("stunet_label_orders.json", "v1", "STU-Net head order: background + sorted v1 names"),
+    "totalseg-major": ("totalseg_major.json", "v2", "24 large TotalSegmentator structures (names as v1 and v2, v2 "
+                       "order); every other class is background: demos and quick studies"),
 }
+# Maps that choose some TotalSegmentator classes; the other classes of both releases are background.
+SUBSET_MAPS = frozenset({"totalseg-major"})
 
 
 # TotalSegmentator's own account of the v1 -> v2 change of the ``total`` task
@@ -83,6 +94,7 @@ class ClassMap:
     totalseg_version: str
     description: str
     labels: tuple[str, ...]  # labels[0] == "background"; labels[k] is the name of label value k
+    others_background: bool = False  # a subset map: TotalSegmentator classes not in it are background
 
     @property
     def num_foreground(self) -> int:
@@ -121,7 +133,8 @@ def load_class_map(name: str) -> ClassMap:
     ids = sorted(int(k) for k in raw)
     if ids != list(range(len(ids))) or raw["0"] != "background":
         raise ValueError(f"{file}: label ids must be 0..N with 0 = background")
-    return ClassMap(name=name, totalseg_version=version, description=description, labels=tuple(raw[str(i)] for i in ids))
+    return ClassMap(name=name, totalseg_version=version, description=description, labels=tuple(raw[str(i)] for i in ids),
+                    others_background=name in SUBSET_MAPS)
 
 
 def detect_class_map(mask_names: Iterable[str]) -> str:
@@ -156,6 +169,7 @@ class Correspondence:
 
     mapped: dict[str, str]  # source name -> target class of the same name
     to_ignore: dict[str, str]  # source name -> why its voxels get the ignore label
+    to_background: dict[str, str]  # source name -> why its voxels are background (subset maps only)
     unannotated: dict[str, str]  # target class -> why no source provides it
 
 
@@ -166,18 +180,27 @@ def source_correspondence(source_names: Iterable[str], target: str) -> Correspon
     TotalSegmentator tables above give the reason, and a name they do not know (another task's
     mask file, a user's extra label) is ignored too, because "no target class" says nothing about
     whether its voxels are background in the target's sense. A target class no source name provides
-    is unannotated. Background is neither a source nor a target class here.
+    is unannotated. Background is neither a source nor a target class here. For a subset map, the
+    other TotalSegmentator classes are background (module docstring).
     """
     cmap = load_class_map(target)
     known = set(cmap.foreground)
     names = [n for n in dict.fromkeys(source_names) if n != "background"]
     mapped = {n: n for n in names if n in known}
+    to_background = {}
+    if cmap.others_background:
+        totalseg = set(load_class_map("totalseg-v1").foreground) | set(load_class_map("totalseg-v2").foreground)
+        for n in names:
+            note = _release_only(n, "v1") or _release_only(n, "v2") or ""
+            if n in totalseg and n not in known and not set(re.findall(r"\w+", note)) & known:
+                to_background[n] = f"a TotalSegmentator class outside subset map {target!r}"
     v = cmap.totalseg_version
     other = {"v1": "v2", "v2": "v1"}.get(v)
-    to_ignore = {n: _release_only(n, other) or f"not a class of map {target!r}" for n in names if n not in known}
+    to_ignore = {n: _release_only(n, other) or _release_only(n, v) or f"not a class of map {target!r}"
+                 for n in names if n not in known and n not in to_background}
     unannotated = {n: _release_only(n, v) or "no mask file / label of this name in the dataset"
                    for n in cmap.foreground if n not in mapped}
-    return Correspondence(mapped, to_ignore, unannotated)
+    return Correspondence(mapped=mapped, to_ignore=to_ignore, to_background=to_background, unannotated=unannotated)
 
 
 def _release_only(name: str, version: str | None) -> str | None:

@@ -254,6 +254,8 @@ class RawDataset:
     absent_in_source: list[str] = field(default_factory=list)  # map classes no source file can provide
     # source classes not in the map: their voxels get the ignore label (never background)
     ignored_source_names: list[str] = field(default_factory=list)
+    # source classes a subset map declares background: their masks are not read
+    background_source_names: set[str] = field(default_factory=set)
 
     @property
     def num_classes(self) -> int:
@@ -372,6 +374,8 @@ def _open_totalseg(root: Path, classes: str) -> RawDataset:
     corr = source_correspondence(sorted(names), name)
     absent = sorted(n for n in corr.unannotated if names)
     ignored = sorted(corr.to_ignore)
+    if corr.to_background:
+        notes.append(f"subset map {name}: {len(corr.to_background)} other TotalSegmentator mask name(s) are background")
     if absent:
         notes.append(
             f"class map {name} has {len(absent)} class(es) with no mask file in this dataset; they are recorded "
@@ -384,6 +388,7 @@ def _open_totalseg(root: Path, classes: str) -> RawDataset:
         root=root, layout="totalseg", cases=cases, class_map_name=name, labels=labels, is_ct=True,
         split_source="meta.csv" if splits else "default", mask_names=[None] + list(cmap.foreground),
         source_label_names=set(cmap.foreground), notes=notes, absent_in_source=absent, ignored_source_names=ignored,
+        background_source_names=set(corr.to_background),
     )
 
 
@@ -432,12 +437,14 @@ def _open_nnunet(root: Path, classes: str) -> RawDataset:
         lut = np.arange(len(by_value), dtype=np.int64)
     elif classes in CLASS_MAP_FILES:
         cmap = load_class_map(classes)
-        unknown = sorted(source_correspondence(by_value[1:], classes).to_ignore)
+        corr = source_correspondence(by_value[1:], classes)
+        unknown = sorted(corr.to_ignore)
         if unknown:
             notes.append(f"{len(unknown)} dataset.json label(s) have no class in map {classes}; their voxels get the "
                          f"ignore label {cmap.ignore_label} (skipped by loss and Dice), not background: {', '.join(unknown)}")
         name, labels = classes, list(cmap.labels)
-        lut = np.asarray([cmap.index(n) if n in cmap.labels[1:] else (0 if n == "background" else cmap.ignore_label)
+        lut = np.asarray([cmap.index(n) if n in cmap.labels[1:] else
+                          (0 if n == "background" or n in corr.to_background else cmap.ignore_label)
                           for n in by_value], dtype=np.int64)
     else:
         raise DatasetError(f"unknown class map {classes!r}; use auto, {', '.join(CLASS_MAP_FILES)}")
@@ -451,7 +458,7 @@ def _open_nnunet(root: Path, classes: str) -> RawDataset:
         root=root, layout="nnunet", cases=cases, class_map_name=name, labels=labels, is_ct=is_ct,
         split_source="default", source_label_names=set(by_value), nnunet_lut=lut,
         nnunet_values=all_values, notes=notes, absent_in_source=absent,
-        ignored_source_names=sorted(n for n in by_value[1:] if n not in labels),
+        ignored_source_names=unknown if classes in CLASS_MAP_FILES else [],
     )
 
 
@@ -533,7 +540,7 @@ def load_case(case: RawCase, dataset: RawDataset, threads: int = 1) -> LoadedCas
     if len(missing) == len(wanted):
         raise CaseError("MISSING_LABEL", f"{rel(case.mask_dir)}/ holds none of the {len(wanted)} mask files of the class map", case.mask_dir)
     # every present mask without a class in the map, also one that only this case has
-    ignored = sorted(set(present_files) - set(dataset.mask_names[1:]))
+    ignored = sorted(set(present_files) - set(dataset.mask_names[1:]) - dataset.background_source_names)
     jobs = [(dataset.ignore_label, present_files[n]) for n in ignored]
     jobs += [(k, present_files[n]) for k, n in wanted if n in present_files]
 

@@ -349,7 +349,7 @@ class Trainer:
                 if "preview" in result:
                     case_id, image, label, pred = result["preview"]
                     paths.append(plot_preview(image, label, pred, plots / f"val_preview_step{step:09d}.png",
-                                              f"{case_id}, step {step}"))
+                                              f"{case_id}, step {step}", self.validator.class_names))
                 for p in paths:
                     if p is not None:
                         self.tracker.log_artifact(p, "plots")
