@@ -32,6 +32,6 @@ case=$(awk -F';' '$6 == "test" { print $1; exit }' data_shards/demo_raw/meta.csv
 [ -n "$case" ] || { echo "no test case in data_shards/demo_raw/meta.csv" >&2; exit 1; }
 stunet-scale predict runs/quickstart/export data_shards/demo_raw/"$case"/ct.nii.gz runs/quickstart/prediction/"$case".nii.gz
 stunet-scale evaluate runs/quickstart/prediction/"$case".nii.gz data_shards/demo_raw/"$case" \
-    --labels runs/quickstart/export --out runs/quickstart/prediction/"$case"_dice.json --largest 10 --goal 0.75
+    --labels runs/quickstart/export --out runs/quickstart/prediction/"$case"_dice.json --largest 10
 echo "quickstart done: run dir runs/quickstart (MLflow: runs/quickstart/mlflow.db, plots: runs/quickstart/plots)," \
      "export runs/quickstart/export, prediction and Dice runs/quickstart/prediction"

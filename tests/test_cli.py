@@ -13,7 +13,8 @@ import pytest
 
 from stunet_scale.cli import build_parser, main
 
-SUBCOMMANDS = ["info", "config", "demo-data", "prepare", "train", "plan", "bench", "export", "predict"]
+SUBCOMMANDS = ["info", "config", "demo-data", "prepare", "train", "plan", "bench", "export", "predict", "evaluate",
+               "transfer-study"]
 
 
 def run(*args, check=True, command=None):
