@@ -1,9 +1,9 @@
 """`stunet-scale demo-data`: synthetic CT phantoms in the exact TotalSegmentator layout.
 
 Each case is a torso phantom built in patient coordinates (mm, RAS: +x = patient's right,
-+y = anterior, +z = superior): a body (fat rim around soft tissue), lungs split into lobes, heart,
-liver, spleen, kidneys, stomach, aorta, vena cava, a vertebral column, hips and femurs, each with a
-CT-like HU value plus noise. Cases differ in size, spacing (in-plane ~2 mm, slices 2.5-7 mm, some
++y = anterior, +z = superior), a contrast-enhanced CT scaled to the field of view: fat, muscle, organs
+with their HU and texture, contrast-filled vessels, bone with cortex, blur and noise (``phantom``).
+Cases differ in size, spacing (in-plane ~2 mm, slices 2.5-7 mm, some
 anisotropic beyond nnU-Net's 3x threshold), on-disk axis order and flips (RAS, LPS, LAS, permuted,
 slightly oblique), so the preprocessing paths that matter are all exercised.
 
