@@ -41,7 +41,8 @@ def test_bench_prepare_reports_both_pipelines(tmp_path, capsys):
     c = v["cases"]["s0001"]
     assert c["summary"]["ours"]["classes"] >= 20  # the phantom's organs >= 1 ml
     liver = c["classes"]["liver"]
-    assert liver["true_ml"] > 100 and abs(liver["ours_err_pct"]) < 5 and abs(liver["nnunet_pipeline_err_pct"]) < 5
+    # a big organ (the default demo case's liver is ~95 ml: the phantom body is ~27x25x18 cm)
+    assert liver["true_ml"] > 50 and abs(liver["ours_err_pct"]) < 5 and abs(liver["nnunet_pipeline_err_pct"]) < 5
     assert liver["ours_err_ml"] == pytest.approx(liver["ours_ml"] - liver["true_ml"])
     # the default (per-label linear) is nnU-Net's own resampling: same grid, same voxels
     assert c["same_grid"]["ours_method"] == "linear" and c["same_grid"]["differing_voxels"] <= 1e-5 * c["same_grid"]["voxels"]

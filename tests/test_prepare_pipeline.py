@@ -545,10 +545,10 @@ def test_class_volumes_preserved_in_ml(raw, tmp_path, prepared, label_interp):
         for k in range(1, len(labels)):
             if ref[k] >= 5:  # smaller structures are a few raw voxels: no percent-level claim
                 err = (got[k] - ref[k]) / ref[k]
-                # "within a few percent" holds from 20 ml (measured max 4.7 % nearest, 3.2 % linear);
-                # 5-20 ml thin structures (the phantom aorta: a ~1 cm tube) lose or gain a partial
-                # 1.5 mm voxel shell: measured max 11.6 % nearest, 6.2 % linear (README, Preprocessing)
-                tol = 0.05 if ref[k] >= 20 else (0.12 if label_interp == "nearest" else 0.07)
+                # "within a few percent" holds from 20 ml (measured max 4.9 % nearest, 4.8 % linear);
+                # 5-20 ml thin structures (ribs: curved ~1 cm tubes; vertebral arches) lose or gain a
+                # partial 1.5 mm voxel shell: measured max 9.5 % nearest, 12.3 % linear (README, Preprocessing)
+                tol = 0.05 if ref[k] >= 20 else 0.13
                 assert abs(err) < tol, (cid, labels[k], got[k], ref[k])
                 errors.append(err)
         assert abs(got[1:].sum() - ref[1:].sum()) / ref[1:].sum() < 0.015  # all foreground together
