@@ -340,6 +340,8 @@ def _add_evaluate(sub) -> None:
                    help="dataset.json naming an nnU-Net reference's values (default: the one beside or above it)")
     p.add_argument("--largest", type=int, default=10, help="also report the mean Dice over this many largest classes present")
     p.add_argument("--out", default=None, help="write per-case, per-class results and the means as JSON")
+    p.add_argument("--goal", type=float, default=None,
+                   help="say whether the mean Dice over the --largest classes reaches this value; exit 1 if not")
     p.set_defaults(func=_evaluate)
 
 

@@ -416,7 +416,8 @@ def format_table(ev: Evaluation, metric: str = "dice") -> str:
 
 
 def run_evaluate(args) -> int:
-    """CLI handler body for ``stunet-scale evaluate`` (exit 0 ok, 2 inputs that cannot be evaluated)."""
+    """CLI handler body for ``stunet-scale evaluate`` (exit 0 ok, 1 ``--goal`` missed, 2 inputs that cannot
+    be evaluated)."""
     import sys
 
     try:
@@ -431,4 +432,11 @@ def run_evaluate(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(ev.to_json(), indent=2) + "\n")
         print(f"wrote {out}")
-    return 0
+    goal = getattr(args, "goal", None)
+    if goal is None:
+        return 0
+    got = ev.mean_over_largest()
+    met = not math.isnan(got) and got >= goal
+    print(f"goal: mean Dice over the {ev.largest_k} largest classes present >= {goal:g}: "
+          f"{'met' if met else 'NOT met'} ({got:.4f})")
+    return 0 if met else 1

@@ -145,6 +145,14 @@ def test_cli_exit_codes_table_and_json(tmp_path, capsys):
     assert res["mean_dice"] == 1.0 and res["mean_dice_per_class"]["aorta"] is None
     assert res["largest_10"] == ["liver", "spleen", "kidney_left"]
     assert res["cases"][0]["dice"]["liver"] == 1.0
+    # --goal: the quickstart's closing line; a missed goal exits 1
+    assert main(["evaluate", str(pred), str(case), "--labels", str(export), "--goal", "0.75"]) == 0
+    assert "goal: mean Dice over the 10 largest classes present >= 0.75: met (1.0000)" in capsys.readouterr().out
+    lm = _label_map(masks)
+    lm[lm == lm.max()] = 0  # one of the three classes predicted nowhere: mean 2/3
+    worse = _save(lm, tmp_path / "worse.nii.gz")
+    assert main(["evaluate", str(worse), str(case), "--labels", str(export), "--goal", "0.75"]) == 1
+    assert "NOT met (0.6667)" in capsys.readouterr().out
     # usage errors: no label names, a label file without labels, another grid, a missing argument
     assert main(["evaluate", str(pred), str(case)]) == 2
     (tmp_path / "bad.json").write_text("{}")
