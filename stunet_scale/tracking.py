@@ -324,9 +324,14 @@ def plot_progress(history: list[dict], path: Path) -> Path | None:
     fig, axes = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     steps = [r["step"] for r in train]
     loss = [r["loss"] for r in train]
-    window = max(1, len(train) // 20)
+    window = max(min(3, len(train)), len(train) // 20)
     axes[0].plot(steps, loss, lw=0.6, alpha=0.35, color="tab:blue", label="loss (Dice + CE)")
-    axes[0].plot(steps, smooth(loss, window), lw=1.6, color="tab:blue", label=f"loss, mean of {window} log points")
+    if all(r.get("loss_avg") is not None for r in train):
+        # the trainer's mean over every step since the last log line: smooth even when logging is sparse
+        n = max(int(r.get("loss_n") or 1) for r in train)
+        axes[0].plot(steps, [r["loss_avg"] for r in train], lw=1.6, color="tab:blue", label=f"loss, mean of the last {n} steps")
+    else:
+        axes[0].plot(steps, smooth(loss, window), lw=1.6, color="tab:blue", label=f"loss, mean of {window} log points")
     axes[0].plot(steps, smooth([r.get("ce") or 0.0 for r in train], window), lw=0.9, alpha=0.8, color="tab:orange",
                  label="CE (smoothed)")
     axes[0].set_ylabel("training loss")

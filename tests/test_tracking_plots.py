@@ -29,6 +29,13 @@ def test_progress_plot_draws_raw_and_smoothed_loss(tmp_path, monkeypatch):
     assert "loss (Dice + CE)" in labels and any(lab.startswith("loss, mean of 5") for lab in labels)
     smoothed = next(line for line in drawn[0].get_lines() if line.get_label().startswith("loss, mean"))
     assert np.ptp(smoothed.get_ydata()[10:]) < np.ptp([r["loss"] for r in history[10:100]])  # the swing is gone
+    # the trainer's records carry the mean over every step since the last log line: that is the smooth curve
+    sparse = [{**r, "loss_avg": 3.0 - 0.01 * r["step"], "loss_n": 25} for r in history if r.get("step", 0) % 25 == 0
+              and r["kind"] == "train"]
+    drawn.clear()
+    tracking.plot_progress(sparse, tmp_path / "sparse.png")
+    line = next(ln for ln in drawn[0].get_lines() if ln.get_label() == "loss, mean of the last 25 steps")
+    assert list(line.get_ydata()) == [r["loss_avg"] for r in sparse]
 
 
 def test_preview_legend_names_the_classes_on_the_shown_slice(tmp_path, monkeypatch):
