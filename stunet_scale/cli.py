@@ -352,26 +352,29 @@ def _transfer_study(args: argparse.Namespace) -> int:
 
 
 def _add_transfer_study(sub) -> None:
+    from .transfer_study import StudyOptions  # no torch: its defaults are the CLI's
+
+    d = StudyOptions()
     p = sub.add_parser("transfer-study", help="pretrained export vs from scratch on a small downstream task: "
                                               "Dice curves (PNG) and a table")
-    p.add_argument("--run-dir", default="runs/transfer_study", help="where everything of the study goes")
+    p.add_argument("--run-dir", default=str(d.run_dir), help="where everything of the study goes")
     p.add_argument("--pretrained", default=None, metavar="EXPORT_DIR",
                    help="fine-tune this export (`stunet-scale export` output) instead of pretraining one here")
-    p.add_argument("--pretrain-config", default="configs/debug.yaml",
+    p.add_argument("--pretrain-config", default=d.pretrain_config,
                    help="pretraining recipe on the demo TotalSegmentator set (default: the quickstart's)")
     p.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for the pretraining run (repeatable), e.g. schedule.epochs=12")
-    p.add_argument("--pretrain-cases", type=int, default=8, help="demo phantoms to pretrain on")
-    p.add_argument("--config", default="configs/transfer_study.yaml",
+    p.add_argument("--pretrain-cases", type=int, default=d.pretrain_cases, help="demo phantoms to pretrain on")
+    p.add_argument("--config", default=d.config,
                    help="fine-tuning config of both runs (the architecture always comes from the export)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps of each downstream run")
-    p.add_argument("--val-every", type=int, default=20, help="steps between validations (divides --steps)")
-    p.add_argument("--train-cases", type=int, default=3, help="labelled downstream training cases")
-    p.add_argument("--val-cases", type=int, default=4, help="held-out downstream validation cases")
-    p.add_argument("--modality", choices=["ct", "mr"], default="ct",
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps of each downstream run")
+    p.add_argument("--val-every", type=int, default=d.val_every, help="steps between validations (divides --steps)")
+    p.add_argument("--train-cases", type=int, default=d.train_cases, help="labelled downstream training cases")
+    p.add_argument("--val-cases", type=int, default=d.val_cases, help="held-out downstream validation cases")
+    p.add_argument("--modality", choices=["ct", "mr"], default=d.modality,
                    help="downstream images: CT, or an MR-like remapping of the phantoms' tissue contrast")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the downstream phantoms")
-    p.add_argument("--seed", type=int, default=0, help="seed of both downstream runs (init, sample plan)")
+    p.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of the downstream phantoms")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of both downstream runs (init, sample plan)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for both downstream runs, e.g. optim.lr=0.01")
     p.set_defaults(func=_transfer_study)
 

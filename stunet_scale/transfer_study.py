@@ -4,7 +4,7 @@ STU-Net's claim (stunet_recipe.md §3) at small scale, run end to end through th
 users take:
 
 1. **pretrain** (unless ``--pretrained EXPORT_DIR``): ``demo-data`` -> ``prepare`` -> the trainer on
-   ``--pretrain-config`` (default: the quickstart's configs/debug.yaml; its class map and spacing
+   ``--pretrain-config`` (default: the quickstart's configs/quickstart.yaml; its class map and spacing
    decide how the demo set is prepared) -> ``stunet-scale export``;
 2. **downstream task**: ``stunet_scale.data.demo_downstream`` writes an nnU-Net v2 raw dataset (5
    grouped classes, an abdominal field of view, CT or an MR-like modality, a few labelled training
@@ -45,7 +45,7 @@ from pathlib import Path
 log = logging.getLogger("stunet_scale.transfer_study")
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_PRETRAIN_CONFIG = "configs/debug.yaml"
+DEFAULT_PRETRAIN_CONFIG = "configs/quickstart.yaml"
 DEFAULT_CONFIG = "configs/transfer_study.yaml"
 RUNS = ("finetune", "scratch")
 LABELS = {"finetune": "fine-tuned from export", "scratch": "from scratch"}
@@ -133,43 +133,9 @@ def export_spec(path: Path):
     return convert_spec(weights.spec, TRAINING_AXIS_ORDER), str(weights.path)
 
 
-def apply_nnunet_split(store_root: Path, split: dict[str, list[str]]) -> int:
-    """Give the prepared store's cases the splits of an nnU-Net ``splits_final.json`` fold.
-
-    ``prepare`` puts every case of an nnU-Net raw dataset in split "train" today; the trainer
-    validates on ``data.val_splits``. Until prepare reads ``splits_final.json`` itself, the study
-    sets each held-out case's split to "val" in the store's manifest.json (the Zarr attrs keep
-    "train"; the trainer and validation select cases by the manifest). A store that already has
-    "val" cases is left alone. Returns the number of cases changed.
-    """
-    path = Path(store_root) / "manifest.json"
-    manifest = json.loads(path.read_text())
-    cases = manifest["cases"]
-    if any(c.get("split") == "val" for c in cases.values()):
-        return 0
-    unknown = [c for c in split["train"] + split["val"] if c not in cases]
-    if unknown:
-        raise StudyError(f"{path}: cases of splits_final.json not in the store (quarantined?): {unknown}")
-    changed = 0
-    for cid in split["val"]:
-        if cases[cid]["split"] != "val":
-            cases[cid]["split"] = "val"
-            changed += 1
-    counts: dict[str, int] = {}
-    for c in cases.values():
-        counts[c["split"]] = counts.get(c["split"], 0) + 1
-    manifest.setdefault("stats", {})["splits"] = dict(sorted(counts.items()))
-    manifest.setdefault("source", {})["splits_from"] = "splits_final.json (fold 0, applied by transfer-study)"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    tmp.replace(path)
-    return changed
-
-
-def val_curve(run_dir: Path, names: list[str] | None = None) -> list[dict]:
-    """[{step, mean_dice, per_class}] of the run's full validations (metrics.jsonl ``kind: val``), by step.
-
-    ``names``: label names (index = label value) that replace the trainer's generic ``class_K`` keys."""
+def val_curve(run_dir: Path) -> list[dict]:
+    """[{step, mean_dice, per_class}] of the run's full validations (metrics.jsonl ``kind: val``), by step;
+    per-class keys are the store's label names (the trainer reads them from its manifest)."""
     by_step: dict[int, dict] = {}
     path = Path(run_dir) / "metrics.jsonl"
     if path.is_file():
@@ -180,17 +146,9 @@ def val_curve(run_dir: Path, names: list[str] | None = None) -> list[dict]:
                 continue
             if r.get("kind") == "val":
                 per_class = dict(r.get("per_class") or {})
-                if names:
-                    per_class = {_rename(k, names): v for k, v in per_class.items()}
                 by_step[int(r["step"])] = {"step": int(r["step"]), "mean_dice": r.get("mean_dice"),
                                            "per_class": per_class}
     return [by_step[s] for s in sorted(by_step)]
-
-
-def _rename(key: str, names: list[str]) -> str:
-    if key.startswith("class_") and key[6:].isdigit() and int(key[6:]) < len(names):
-        return names[int(key[6:])]
-    return key
 
 
 def init_report(run_dir: Path) -> dict:
@@ -361,7 +319,8 @@ def pretrain(opts: StudyOptions) -> tuple[Path, dict]:
 
 
 def downstream(opts: StudyOptions, spacing: list[float]) -> tuple[Path, dict]:
-    from .data.demo_downstream import GROUPS, read_splits, write_downstream_dataset
+    from .data.demo_downstream import GROUPS, write_downstream_dataset
+    from .data.sources import read_nnunet_splits
     from .data.prepare import prepare_dataset
 
     root = opts.run_dir / "downstream"
@@ -371,10 +330,7 @@ def downstream(opts: StudyOptions, spacing: list[float]) -> tuple[Path, dict]:
     done = prepare_dataset(raw, store, classes="auto", spacing=tuple(spacing), format="zarr")
     if done["exit_code"] != 0:
         raise StudyError(f"prepare {raw} -> {store} failed: {done}")
-    split = read_splits(raw)
-    changed = apply_nnunet_split(store, split)
-    if changed:
-        log.info("downstream store: %d held-out case(s) set to split 'val' from %s/splits_final.json", changed, raw)
+    split = read_nnunet_splits(raw)  # prepare put these cases in splits train / val
     return store, {"raw": str(raw), "store": str(store), "classes": ["background", *GROUPS], "split": split}
 
 
@@ -439,7 +395,7 @@ def run_study(opts: StudyOptions) -> dict:
         argv = ["--config", config, f"run_dir={rd}", *shared, f"checkpoint.init_from={init}"]
         log.info("transfer study: %s run (%s)", name, LABELS[name])
         wall[name] = _train(argv, f"{name} run")
-        curves[name] = val_curve(rd, ds_info["classes"])
+        curves[name] = val_curve(rd)
         if not curves[name]:
             raise StudyError(f"{rd}/metrics.jsonl has no validation record; is validation enabled?")
     init = init_report(run_dirs["finetune"])

@@ -301,6 +301,33 @@ def _to_nnunet(raw: Path, dst: Path, cmap_name: str) -> Path:
     return dst
 
 
+def test_nnunet_splits_final_json_names_the_val_cases(raw, tmp_path):
+    """A raw nnU-Net dataset with splits_final.json beside dataset.json: fold 0's val cases are split
+    "val" in the store (what the trainer validates on); a broken file is an error naming it."""
+    from stunet_scale.data.sources import open_source
+
+    sub = tmp_path / "two_cases"
+    sub.mkdir()
+    for cid in ("s0002", "s0003"):
+        (sub / cid).symlink_to(raw / cid, target_is_directory=True)
+    nn = _to_nnunet(sub, tmp_path / "Dataset002_Split", "totalseg-v2")
+    assert {c.split for c in open_source(nn).cases} == {"train"}  # no file: all train
+    splits = nn / "splits_final.json"
+    splits.write_text(json.dumps([{"train": ["s0002"], "val": ["s0003"]}, {"train": ["s0003"], "val": ["s0002"]}]))
+    assert prepare_dataset(nn, tmp_path / "out", format="zarr")["ok"] == 2
+    m = _manifest(tmp_path / "out")
+    assert {c: e["split"] for c, e in m["cases"].items()} == {"s0002": "train", "s0003": "val"}
+    assert m["source"]["splits_from"] == "splits_final.json (fold 0)"
+    assert open_store(tmp_path / "out").case("s0003").meta["split"] == "val"
+    for bad, says in (([{"train": ["s0002"], "val": ["s0009"]}], "s0009"),
+                      ([{"train": ["s0002", "s0003"], "val": ["s0003"]}], "both train and val"),
+                      ({"train": []}, "list of folds"), ("[{", "unreadable")):
+        splits.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        with pytest.raises(DatasetError, match=says) as e:
+            open_source(nn)
+        assert "splits_final.json" in str(e.value)
+
+
 def test_nnunet_layout_matches_totalseg_layout(raw, tmp_path):
     sub = tmp_path / "two_cases"  # s0002 (LPS on disk) and s0003 (thick slices: separate z)
     sub.mkdir()

@@ -105,14 +105,15 @@ def test_runs_differ_only_in_init_and_architecture_is_the_exports(study):
 
 
 def test_validation_on_held_out_cases_only(study):
-    from stunet_scale.data.demo_downstream import read_splits
+    from stunet_scale.data.sources import read_nnunet_splits
 
     root, _ = study
-    split = read_splits(root / "downstream" / "raw")
+    split = read_nnunet_splits(root / "downstream" / "raw")
     assert len(split["train"]) == 2 and len(split["val"]) == 1 and not set(split["train"]) & set(split["val"])
     manifest = json.loads((root / "downstream" / "store" / "manifest.json").read_text())
     got = {c: m["split"] for c, m in manifest["cases"].items()}
     assert got == {**{c: "train" for c in split["train"]}, **{c: "val" for c in split["val"]}}
+    assert manifest["source"]["splits_from"] == "splits_final.json (fold 0)"  # prepare read it
 
 
 def test_downstream_generator_is_reproducible_and_mr_differs():

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .sources import NNUNET_SPLITS_FILE
+
 log = logging.getLogger("stunet_scale.demo")
 
 # downstream class -> the TotalSegmentator mask names merged into it (absent names are skipped)
@@ -49,7 +51,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "spine": ("vertebrae_*", "sacrum"),  # "*": every mask name with that prefix
 }
 MODALITIES = ("ct", "mr")
-SPLITS_FILE = "splits_final.json"  # nnU-Net v2's split file name and format
 
 # MR-like contrast: signal (0..1) as a function of CT HU, piecewise linear and deliberately not
 # monotonic (fat brightest, soft tissue mid-grey with its order changed, enhancing blood mid-bright,
@@ -132,7 +133,7 @@ def write_downstream_dataset(out: str | Path, train_cases: int = 3, val_cases: i
     params = {"generator": "stunet_scale.data.demo_downstream", "train_cases": train_cases, "val_cases": val_cases,
               "seed": seed, "modality": modality}
     ds_path = out / "dataset.json"
-    if ds_path.is_file() and (out / SPLITS_FILE).is_file():
+    if ds_path.is_file() and (out / NNUNET_SPLITS_FILE).is_file():
         try:
             if json.loads(ds_path.read_text()).get("stunet_scale_demo") == params:
                 return out
@@ -150,7 +151,7 @@ def write_downstream_dataset(out: str | Path, train_cases: int = 3, val_cases: i
         log.info(f"{case}: {modality} {image.shape} at {np.round(spacing, 2).tolist()} mm, "
                  f"{'train' if i < train_cases else 'val'}, classes {present}")
     splits = [{"train": ids[:train_cases], "val": ids[train_cases:]}]
-    (out / SPLITS_FILE).write_text(json.dumps(splits, indent=2) + "\n")
+    (out / NNUNET_SPLITS_FILE).write_text(json.dumps(splits, indent=2) + "\n")
     dataset = {
         "channel_names": {"0": "CT" if modality == "ct" else "MR"},
         "labels": {"background": 0, **{g: k for k, g in enumerate(GROUPS, 1)}},
@@ -161,12 +162,3 @@ def write_downstream_dataset(out: str | Path, train_cases: int = 3, val_cases: i
     }
     ds_path.write_text(json.dumps(dataset, indent=2) + "\n")
     return out
-
-
-def read_splits(root: str | Path, fold: int = 0) -> dict[str, list[str]] | None:
-    """Fold ``fold`` of an nnU-Net ``splits_final.json`` next to dataset.json: {"train": [...], "val": [...]}."""
-    path = Path(root) / SPLITS_FILE
-    if not path.is_file():
-        return None
-    folds = json.loads(path.read_text())
-    return {"train": list(folds[fold]["train"]), "val": list(folds[fold]["val"])}

@@ -244,7 +244,7 @@ class RawDataset:
     class_map_name: str
     labels: list[str]  # labels[k] = name of label value k in the prepared store
     is_ct: bool
-    split_source: str  # meta.csv | default
+    split_source: str  # meta.csv | splits_final.json (fold 0) | default
     # TotalSegmentator: mask file stem per label value (None = no mask for it); nnU-Net: value lut
     mask_names: list[str | None] = field(default_factory=list)
     source_label_names: set[str] = field(default_factory=set)  # the names a case's files may carry
@@ -392,6 +392,30 @@ def _open_totalseg(root: Path, classes: str) -> RawDataset:
     )
 
 
+NNUNET_SPLITS_FILE = "splits_final.json"  # nnU-Net v2's split file: a list of folds, each {"train": [...], "val": [...]}
+
+
+def read_nnunet_splits(root: Path, fold: int = 0) -> dict[str, list[str]] | None:
+    """Fold ``fold`` of ``root/splits_final.json`` as {"train": [...], "val": [...]}, or None without one.
+
+    nnU-Net keeps this file in its preprocessed folder; a raw dataset that ships one beside dataset.json
+    (as the downstream demo does) names its held-out cases there, and ``prepare`` takes them as split "val".
+    """
+    path = Path(root) / NNUNET_SPLITS_FILE
+    if not path.is_file():
+        return None
+    try:
+        folds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path}: unreadable ({e}); fix it, or delete it to put every case in split 'train'") from e
+    ok = (isinstance(folds, list) and len(folds) > fold and isinstance(folds[fold], dict)
+          and all(isinstance(folds[fold].get(k), list) for k in ("train", "val")))
+    if not ok:
+        raise DatasetError(f"{path}: expected nnU-Net v2's format, a list of folds each "
+                           f'{{"train": [case ids], "val": [case ids]}}, with fold {fold} present')
+    return {k: [str(c) for c in folds[fold][k]] for k in ("train", "val")}
+
+
 def _open_nnunet(root: Path, classes: str) -> RawDataset:
     try:
         ds = json.loads((root / "dataset.json").read_text())
@@ -426,9 +450,23 @@ def _open_nnunet(root: Path, classes: str) -> RawDataset:
     notes = []
     if "numTraining" in ds and int(ds["numTraining"]) != len(ids):
         notes.append(f"dataset.json numTraining = {ds['numTraining']} but {len(ids)} case(s) found")
-    notes.append("nnU-Net raw layout: every case is in split 'train'")
+    folds = read_nnunet_splits(root)
+    split_of: dict[str, str] = {}
+    if folds is None:
+        notes.append(f"nnU-Net raw layout without {NNUNET_SPLITS_FILE}: every case is in split 'train'")
+    else:
+        both = sorted(set(folds["train"]) & set(folds["val"]))
+        missing = sorted(c for c in folds["train"] + folds["val"] if c not in set(ids))
+        if both or missing:
+            raise DatasetError(f"{root / NNUNET_SPLITS_FILE}: fold 0 " + (f"has cases in both train and val: {both}" if both
+                               else f"names cases with no image or label in imagesTr/labelsTr: {missing}")
+                               + "; fix the file or delete it (every case is then in split 'train')")
+        split_of = {c: "val" for c in folds["val"]}
+        rest = [i for i in ids if i not in split_of and i not in folds["train"]]
+        notes.append(f"splits from {NNUNET_SPLITS_FILE} fold 0: {len(folds['train'])} train, {len(folds['val'])} val"
+                     + (f"; {len(rest)} case(s) in neither go to split 'train'" if rest else ""))
     cases = [
-        RawCase(case_id=i, split="train", image_files=[root / "imagesTr" / f"{i}_{c:04d}{fe}" for c in range(nch)],
+        RawCase(case_id=i, split=split_of.get(i, "train"), image_files=[root / "imagesTr" / f"{i}_{c:04d}{fe}" for c in range(nch)],
                 label_file=root / "labelsTr" / f"{i}{fe}")
         for i in ids
     ]
@@ -456,7 +494,8 @@ def _open_nnunet(root: Path, classes: str) -> RawDataset:
                      f"for every case: {', '.join(absent)}")
     return RawDataset(
         root=root, layout="nnunet", cases=cases, class_map_name=name, labels=labels, is_ct=is_ct,
-        split_source="default", source_label_names=set(by_value), nnunet_lut=lut,
+        split_source="default" if folds is None else f"{NNUNET_SPLITS_FILE} (fold 0)",
+        source_label_names=set(by_value), nnunet_lut=lut,
         nnunet_values=all_values, notes=notes, absent_in_source=absent,
         ignored_source_names=unknown if classes in CLASS_MAP_FILES else [],
     )

@@ -497,14 +497,19 @@ class Trainer:
 
 
 def class_names(cfg) -> list[str]:
+    """Label names for validation and previews: the prepared store's own list (any class map, also a
+    dataset.json's), else the named class map's, else class_1..."""
+    manifest = Path(cfg.data.root) / "manifest.json"
     try:
-        from ..data.class_maps import load_class_map
+        labels = list(json.loads(manifest.read_text())["class_map"]["labels"])
+    except (OSError, ValueError, KeyError, TypeError):  # stand-in data in tests; the loader checks real stores
+        labels = []
+    if len(labels) != cfg.model.num_classes:
+        from ..data.class_maps import CLASS_MAP_FILES, load_class_map
 
-        labels = list(load_class_map(cfg.data.class_map).labels)
-        if len(labels) == cfg.model.num_classes:
-            return labels
-    except Exception:  # noqa: BLE001
-        pass
+        labels = list(load_class_map(cfg.data.class_map).labels) if cfg.data.class_map in CLASS_MAP_FILES else []
+    if len(labels) == cfg.model.num_classes:
+        return labels
     return ["background"] + [f"class_{i}" for i in range(1, cfg.model.num_classes)]
 
 
