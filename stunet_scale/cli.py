@@ -363,7 +363,8 @@ def _add_transfer_study(sub) -> None:
     p.add_argument("--pretrain-config", default=d.pretrain_config,
                    help="pretraining recipe on the demo TotalSegmentator set (default: the quickstart's)")
     p.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for the pretraining run (repeatable), e.g. schedule.epochs=12")
+                   help="override for the pretraining run (repeatable), applied after the study's own "
+                        f"{' '.join(d.pretrain_overrides)} (e.g. schedule.epochs=4: the quickstart's 400 steps)")
     p.add_argument("--pretrain-cases", type=int, default=d.pretrain_cases, help="demo phantoms to pretrain on")
     p.add_argument("--config", default=d.config,
                    help="fine-tuning config of both runs (the architecture always comes from the export)")
