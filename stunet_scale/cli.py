@@ -234,7 +234,7 @@ def _bench_data(args: argparse.Namespace) -> int:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks against nnU-Net / the released STU-Net training step")
-    which = p.add_subparsers(dest="bench", metavar="{prepare,data,train}")
+    which = p.add_subparsers(dest="bench", metavar="{prepare,data,train,gpu}")
     which.required = True
     b = which.add_parser("prepare", help="preprocessing seconds per case / per voxel, bytes per voxel and class-volume "
                                          "errors vs nnU-Net v2")
@@ -264,10 +264,26 @@ def _add_bench(sub) -> None:
     b.add_argument("--compile", action="store_true", help="our step with torch.compile per block")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     b.set_defaults(func=_bench_train)
+    b = which.add_parser("gpu", help="every GPU number (train B/H, planner, augmentation, cuDNN, predict, GPU tests) "
+                                     "in one run, each part in its own process under a time cap")
+    b.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md and per-part logs")
+    b.add_argument("--cpu-dry-run", action="store_true",
+                   help="the same parts on the CPU with tiny models (checks the plumbing; numbers say nothing about GPUs)")
+    b.add_argument("--parts", default=None,
+                   help="comma-separated subset of cudnn_probe,train_b,train_h,planner,augment,predict,gpu_tests")
+    b.add_argument("--budget-s", type=float, default=480.0,
+                   help="seconds for all parts together; split into per-part caps (default 480)")
+    b.set_defaults(func=_bench_gpu)
 
 
 def _bench_train(args: argparse.Namespace) -> int:
     from .bench.train import run
+
+    return run(args)
+
+
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from .bench.gpu import run
 
     return run(args)
 
