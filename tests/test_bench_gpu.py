@@ -102,11 +102,13 @@ def test_pytest_summary_and_peak_table():
     s = G.parse_pytest_summary("....\n3 passed, 1 failed, 2 skipped, 78 deselected, 1 error in 4.2s\n")
     assert (s["passed"], s["failed"], s["skipped"], s["deselected"], s["errors"]) == (3, 1, 2, 78, 1)
     assert G.parse_pytest_summary("no tests ran")["passed"] == 0
-    assert G.peak_bf16_tflops("NVIDIA H100 PCIe") == 756
-    assert G.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989
-    assert G.peak_bf16_tflops("NVIDIA H200") == 989
-    assert G.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312
-    assert G.peak_bf16_tflops("NVIDIA L4") is None and G.peak_bf16_tflops(None) is None
+    from stunet_scale.bench.train import peak_bf16_tflops
+
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert peak_bf16_tflops("NVIDIA H200") == 989
+    assert peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert peak_bf16_tflops("NVIDIA L4") is None and peak_bf16_tflops(None) is None
 
 
 @pytest.mark.parametrize("script", ["launch/gpu_check.sh", "launch/gather_gpu_wheels.sh"])

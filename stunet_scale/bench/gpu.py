@@ -50,7 +50,6 @@ WEIGHTS = {"cudnn_probe": 1.0, "train_b": 4.0, "train_h": 5.0, "planner": 2.5, "
 DEFAULT_BUDGET_S = 480.0
 
 # Dense bf16 peak TFLOP/s by device name; first match wins, so "H100 PCIe" precedes "H100".
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
 GOALS = {
     "cudnn_probe": "bf16 conv3d runs on a known-good cuDNN",
@@ -65,12 +64,6 @@ FAULT_ENV = "STUNET_GPU_CHECK_FAULT"
 CAP_ENV = "STUNET_GPU_CHECK_CAP_S"  # a part's own cap, for parts that stop their children in time
 GB = 1e9
 GIB = 2**30
-
-
-def peak_bf16_tflops(device_name: str | None) -> float | None:
-    if not device_name:
-        return None
-    return next((v for k, v in PEAK_BF16_TFLOPS if k in device_name), None)
 
 
 def split_budget(parts, budget_s: float, weights: dict | None = None) -> dict[str, float]:
@@ -486,6 +479,8 @@ def part_train_h(out: Path, dry: bool) -> dict:
 
 def _h_goal(nums: dict) -> dict:
     import torch
+
+    from .train import peak_bf16_tflops
 
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     peak = peak_bf16_tflops(name)

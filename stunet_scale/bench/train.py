@@ -22,7 +22,14 @@ import multiprocessing as mp
 import time
 
 # Dense bf16 peak of common GPUs (for MFU); unknown devices report no MFU.
-PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0, "L40S": 362.0, "A10": 125.0}
+# Dense bf16 peak by device-name substring, first match wins (so "H100 PCIe" before "H100").
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "A100": 312.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0, "L40S": 362.0,
+                    "A10": 125.0}
+
+
+def peak_bf16_tflops(device_name: str | None) -> float | None:
+    """Dense bf16 peak TFLOP/s of a GPU by its torch device name; None when unknown."""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None) if device_name else None
 
 
 def _model_cfg(size: str, num_classes: int, base_width: int | None):
@@ -140,7 +147,7 @@ def _measure(kind: str, opts: dict) -> dict:
     if device.type == "cuda":
         result.update(peak_memory_bytes=torch.cuda.max_memory_allocated(), memory_kind="cuda max_memory_allocated")
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        peak = peak_bf16_tflops(name)
         result["mfu"] = result["tflops"] / peak if peak else None
     else:
         result.update(peak_memory_bytes=peak_rss_bytes(),
