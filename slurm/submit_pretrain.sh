@@ -295,7 +295,15 @@ node_main() {
     STUNET_LAUNCH_COMMAND="$SRUN_TEXT$(printf '%q ' "${cmd[@]}")"
     export STUNET_LAUNCH_COMMAND
     echo "# node $SLURM_NODEID ($(hostname)): $STUNET_LAUNCH_COMMAND" >>"$ALLOC_LOG"
+    # accelerate and torchrun exit 1 whatever code their workers returned; the first rank that exits
+    # non-zero writes its own code (2 config, 3 diverged, 4 no valid checkpoint, 74 disk full) here.
+    STUNET_EXIT_CODE_FILE="$STATE_DIR/exit.$SLURM_JOB_ID.$RESTART.node$SLURM_NODEID"
+    export STUNET_EXIT_CODE_FILE
+    rm -f "$STUNET_EXIT_CODE_FILE"
     "${cmd[@]}" || rc=$?
+    if ((rc != 0)) && [[ -s $STUNET_EXIT_CODE_FILE ]]; then
+        rc=$(<"$STUNET_EXIT_CODE_FILE")
+    fi
     if ((got_signal && rc != 0)); then
         echo "node $SLURM_NODEID: launcher exited $rc after SIG$PREEMPT_SIGNAL" >"$STATE_DIR/preempted.$SLURM_JOB_ID.$RESTART.node$SLURM_NODEID"
         exit 0

@@ -98,11 +98,21 @@ def _prepare(args: argparse.Namespace) -> int:
             label_interpolation=args.label_interp, crop=args.crop, cases_per_shard=args.cases_per_shard,
             shard_index=args.shard_index, num_shards=args.num_shards, finalize=args.finalize,
             max_quarantine_fraction=args.max_quarantine_fraction, verify=args.verify,
+            allow_quarantined_eval=args.allow_quarantined_eval,
         )
     except DatasetError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     return int(result["exit_code"])
+
+
+def _workers_arg(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 def _add_prepare(sub) -> None:
@@ -114,7 +124,9 @@ def _add_prepare(sub) -> None:
                    help="class map: totalseg-v1, totalseg-v2, stunet (STU-Net head order) or auto (from the mask names / dataset.json)")
     p.add_argument("--spacing", type=float, nargs="+", default=[1.5], help="target spacing in mm: one value (isotropic) or three")
     p.add_argument("--format", choices=["zarr", "wds", "both"], default="both")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this node")
+    p.add_argument("--workers", type=_workers_arg, default=None, metavar="N|auto",
+                   help="worker processes on this node (default auto: one per core, at most one per 4 GiB of available "
+                        "memory, the peak of a 512x512x1000 case)")
     p.add_argument("--threads", type=int, default=None, help="gunzip threads per worker (default: cores / workers, at most 4)")
     p.add_argument("--image-interp", choices=["cubic", "linear"], default="cubic",
                    help="image resampling: cubic (order-3 spline, nnU-Net) or linear")
@@ -130,6 +142,8 @@ def _add_prepare(sub) -> None:
     p.add_argument("--max-quarantine-fraction", type=float, default=0.05,
                    help="exit 1 when more than this fraction of cases is quarantined")
     p.add_argument("--verify", action="store_true", help="re-check finished cases by checksum (not only file sizes)")
+    p.add_argument("--allow-quarantined-eval", action="store_true",
+                   help="exit 0 even when a val/test case is quarantined (default: exit 1 naming the cases)")
     p.set_defaults(func=_prepare)
 
 
@@ -218,9 +232,29 @@ def _add_plan(sub) -> None:
 
 
 def _bench_prepare(args: argparse.Namespace) -> int:
-    from .bench.prepare import format_report, run_benchmark
+    from .bench.prepare import (
+        format_full_size_report,
+        format_report,
+        run_benchmark,
+        run_full_size_benchmark,
+    )
 
     _setup_logging()
+    if args.full_size:
+        try:
+            from .data.demo import parse_shape_range
+
+            shape = [lo for lo, _ in parse_shape_range(args.shape)]
+        except ValueError as e:
+            print(f"bench prepare: --shape: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        result = run_full_size_benchmark(shape, spacing=args.spacing, cases=args.cases or 1, data=args.source,
+                                         keep=args.keep, nnunet=not args.no_nnunet)
+        print(json.dumps(result, indent=2) if args.json else format_full_size_report(result))
+        return 0
+    if args.source is None:
+        print("bench prepare: give a SOURCE dataset, or --full-size to generate full-size cases", file=sys.stderr)
+        return EXIT_USAGE
     result = run_benchmark(args.source, cases=args.cases)
     print(json.dumps(result, indent=2) if args.json else format_report(result, per_class=args.per_class))
     return 0
@@ -238,10 +272,19 @@ def _add_bench(sub) -> None:
     which.required = True
     b = which.add_parser("prepare", help="preprocessing seconds per case / per voxel, bytes per voxel and class-volume "
                                          "errors vs nnU-Net v2")
-    b.add_argument("source", help="a TotalSegmentator-layout dataset (e.g. from `stunet-scale demo-data`)")
-    b.add_argument("--cases", type=int, default=None, help="use the first N cases (default all)")
+    b.add_argument("source", nargs="?", default=None,
+                   help="a TotalSegmentator-layout dataset (e.g. from `stunet-scale demo-data`); with --full-size: where "
+                        "the generated full-size cases are kept and reused (default: a temp dir)")
+    b.add_argument("--cases", type=int, default=None, help="use the first N cases (default all; --full-size: 1)")
     b.add_argument("--json", action="store_true")
     b.add_argument("--per-class", action="store_true", help="list every class's volume error (default: the 5 worst per case)")
+    b.add_argument("--full-size", action="store_true",
+                   help="generate real-sized cases (--shape, --spacing, 117 masks) and report seconds per case and peak RSS "
+                        "of ours vs nnU-Net's label merge + preprocess")
+    b.add_argument("--shape", default="512,512,400", help="--full-size: voxels per axis (e.g. 512,512,1000)")
+    b.add_argument("--spacing", type=float, default=0.8, help="--full-size: isotropic source spacing in mm")
+    b.add_argument("--no-nnunet", action="store_true", help="--full-size: time ours only (e.g. the memory check at 1000 slices)")
+    b.add_argument("--keep", default=None, help="--full-size: keep the outputs in this directory")
     b.set_defaults(func=_bench_prepare)
     b = which.add_parser("data", help="patches/s per core: our CPU path, our CPU augmentation, nnU-Net's transforms")
     b.add_argument("prepared_dir")
@@ -303,8 +346,10 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="checkpoint -> STU-Net .model/.pth, nnU-Net v2 folder, safetensors + card")
     p.add_argument("source", help="run directory or checkpoint; also one of our exports or a released STU-Net file")
     p.add_argument("out", help="output directory (must be empty unless --overwrite)")
-    p.add_argument("--formats", nargs="+", default=None, choices=["stunet", "nnunet", "safetensors"],
-                   help="subset of: stunet (.model + .pth) nnunet (model folder) safetensors (+ config + card); default all")
+    p.add_argument("--formats", nargs="+", default=None, choices=["stunet", "nnunet", "safetensors", "onnx"],
+                   help="subset of: stunet (.model + .pth) nnunet (model folder) safetensors (+ config + card) "
+                        "onnx (onnx/model.onnx: normalised patch -> logits, dynamic batch, opset 17, checked against "
+                        "PyTorch in onnxruntime; needs pip install 'stunet-scale[onnx]'); default: all but onnx")
     p.add_argument("--name", default=None, help="file stem of the .model (default: base_ep4k style from size and epochs)")
     p.add_argument("--nnunet-dataset-id", type=int, default=900, help="DatasetNNN id of the nnU-Net folder (1-999)")
     p.add_argument("--license", default="other", help="license id for the model card's front matter")
@@ -335,6 +380,14 @@ def _add_predict(sub) -> None:
     p.add_argument("--step-size", type=float, default=0.5, help="sliding-window stride as a fraction of the patch")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward")
     p.add_argument("--skip-existing", action="store_true", help="do not redo cases whose output exists")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="what runs the network on each batch of windows: torch (any checkpoint) or onnxruntime "
+                        "(an export made with --formats onnx, or its .onnx file; fp32; CPU, or CUDA with "
+                        "onnxruntime-gpu). Preprocessing, sliding window and postprocessing are the same code")
+    p.add_argument("--label-map", default=None, metavar="NAME|MAP.json",
+                   help="write another dataset's label ids: a shipped map (btcv, amos22, flare22: TotalSegmentator v1 "
+                        "classes -> that dataset's dataset.json ids) or a JSON map; sources listed for one target are "
+                        "merged (kidney_left + kidney_right -> kidney); labels.json names the target ids for evaluate")
     p.set_defaults(func=_predict)
 
 
@@ -345,7 +398,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="per-class Dice of predicted labels against reference masks, paired by class name")
+    p = sub.add_parser("evaluate", help="per-class Dice, HD95 and NSD of predicted labels against reference masks, "
+                                        "paired by class name")
     p.add_argument("prediction", help="label NIfTI (e.g. from `stunet-scale predict`) or a folder of <case>.nii.gz")
     p.add_argument("reference", help="TotalSegmentator case folder (segmentations/<class>.nii.gz) or nnU-Net label "
                                      "NIfTI; for a prediction folder: the dataset root or labelsTr/ folder")
@@ -355,9 +409,18 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--reference-labels", default=None,
                    help="dataset.json naming an nnU-Net reference's values (default: the one beside or above it)")
     p.add_argument("--largest", type=int, default=10, help="also report the mean Dice over this many largest classes present")
-    p.add_argument("--out", default=None, help="write per-case, per-class results and the means as JSON")
+    p.add_argument("--out", default=None,
+                   help="RESULT.json: per-case, per-class results and the means; also writes RESULT.csv (one row per "
+                        "case and class) and RESULT_boxplot.png (per-class box plots over cases)")
     p.add_argument("--goal", type=float, default=None,
                    help="say whether the mean Dice over the --largest classes reaches this value; exit 1 if not")
+    p.add_argument("--metrics", nargs="+", choices=["dice", "hd95", "nsd"], default=None,
+                   help="metrics to compute (default: all three; dice alone skips the surface distances). "
+                        "Empty masks: both empty -> not scored; one empty -> dice 0, nsd 0, hd95 inf")
+    p.add_argument("--nsd-tolerance", default=None, metavar="MM|FILE.json",
+                   help="normalised surface Dice tolerance in mm for every class (default 2), or a JSON file "
+                        "{\"default\": 2.0, \"liver\": 3.0, ...} with one per class name")
+    p.add_argument("--workers", type=int, default=1, help="cases evaluated in parallel (processes)")
     p.set_defaults(func=_evaluate)
 
 

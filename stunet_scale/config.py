@@ -89,6 +89,7 @@ class DataConfig:
     pin_memory: bool = knob(True, "pin host memory for faster host-to-GPU copies")
     wds_buffer_cases: int = knob(4, "format=wds: decoded volumes each worker keeps to draw patches from")
     wds_patches_per_case: int = knob(8, "format=wds: patches drawn from a volume before it leaves the buffer")
+    verify_shards: Literal["size", "sha256"] = knob("size", "format=wds: trainer pre-flight of every shard against manifest.json before training: size (cheap, finds truncation) or sha256 (reads every byte, also finds tampering)")
 
 
 @dataclass
@@ -180,8 +181,16 @@ class CheckpointConfig:
     milestone_every_steps: int = knob(250000, "also keep every N-th step forever; 0 = none")
     resume: str = knob("auto", "auto = continue from the newest valid checkpoint in run_dir; never; or a checkpoint path")
     init_from: str | None = knob(None, "initialise weights from an export or released STU-Net file (fine-tuning)")
-    portable_copy: bool = knob(True, "DeepSpeed/DDP: also write world-size-independent fp32 params + momentum (resume on another world size, export); FSDP2's DCP reshards by itself")
+    portable_copy: bool = knob(True, "resume on another backend/world size/ZeRO stage from portable/ (written by every save: the safetensors copy export reads); false = native bit-exact resume only")
+    allow_plan_change: bool = knob(False, "resume even though the sample-plan fingerprint or seed differs from the checkpoint's (changed store, sampling settings, global_batch or seed); false stops with exit 2")
     rollback_after_skips: int = knob(5, "after this many consecutive non-finite steps reload the last checkpoint; a second rollback to the same checkpoint stops the run")
+
+
+@dataclass
+class LeaseConfig:
+    renew_every_s: int = knob(30, "rank 0 renews the run-dir lease (run_dir/LEASE) this often while the job is alive")
+    stale_after_s: int = knob(300, "a lease not renewed for this long (file mtimes on the run dir's filesystem) is taken over by the next job")
+    take_over: bool = knob(False, "take the lease even from a holder that looks alive (only when you know it is dead, e.g. its node is down)")
 
 
 @dataclass
@@ -191,6 +200,8 @@ class TrackingConfig:
     experiment: str = knob("stunet-pretrain", "MLflow experiment name")
     run_name: str | None = knob(None, "MLflow run name; null = run_dir's name")
     log_every_steps: int = knob(10, "one console line and one metrics row every N steps")
+    straggler_factor: float = knob(1.5, "a rank whose step time (data wait + compute) over a log window exceeds this x the median rank's is slow")
+    straggler_windows: int = knob(3, "warn (host, data-wait vs compute split) when a rank is slow in this many consecutive log windows")
 
 
 @dataclass
@@ -201,6 +212,8 @@ class ValidationConfig:
     step_size: float = knob(0.5, "sliding-window stride as a fraction of the patch")
     mirroring: bool = knob(False, "mirror test-time augmentation during validation")
     pseudo_dice_batches: int = knob(1, "training-like patches scored for pseudo-Dice each epoch (nnU-Net style)")
+    surface_metrics: bool = knob(True, "full validations also score HD95 and NSD per class (CPU, cropped per class)")
+    nsd_tolerance_mm: float = knob(2.0, "normalised surface Dice tolerance (mm) for every class")
 
 
 @dataclass
@@ -215,6 +228,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
@@ -228,6 +242,7 @@ SECTION_HELP = {
     "schedule": "sample budget, batch arithmetic, poly lr",
     "distributed": "backend, precision, memory",
     "checkpoint": "saving, retention, resume",
+    "lease": "one job per run_dir: rank 0 holds run_dir/LEASE while the job runs",
     "tracking": "MLflow and console",
     "validation": "sliding-window validation",
 }
@@ -449,6 +464,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("checkpoint.every_steps must be >= 1")
     if cfg.checkpoint.rollback_after_skips < 1:
         raise ConfigError("checkpoint.rollback_after_skips must be >= 1")
+    if cfg.tracking.straggler_factor <= 1.0:
+        raise ConfigError(f"tracking.straggler_factor={cfg.tracking.straggler_factor} must be > 1 (e.g. 1.5: 50% slower than the median rank)")
+    if cfg.tracking.straggler_windows < 1:
+        raise ConfigError("tracking.straggler_windows must be >= 1")
+    if cfg.lease.renew_every_s < 1:
+        raise ConfigError(f"lease.renew_every_s must be >= 1 (got {cfg.lease.renew_every_s})")
+    if cfg.lease.stale_after_s < 3 * cfg.lease.renew_every_s:
+        # a holder that is only slow (a renewal delayed by a busy filesystem) must not look dead
+        raise ConfigError(f"lease.stale_after_s must be >= 3 * lease.renew_every_s ({3 * cfg.lease.renew_every_s}); "
+                          f"got {cfg.lease.stale_after_s}")
     if dist.backend == "fsdp2" and dist.precision == "fp16":
         raise ConfigError("distributed.precision=fp16 is not supported with distributed.backend=fsdp2; use bf16 (no loss scaling needed)")
     if dist.timeout_s < 1:
@@ -457,6 +482,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("tracking.log_every_steps must be >= 1")
     if not 0 < cfg.validation.step_size <= 1:
         raise ConfigError("validation.step_size must be in (0, 1]")
+    if not cfg.validation.nsd_tolerance_mm >= 0:
+        raise ConfigError(f"validation.nsd_tolerance_mm must be >= 0 (mm), got {cfg.validation.nsd_tolerance_mm}")
 
 
 def world_batch_arithmetic(cfg: TrainConfig, world_size: int) -> dict[str, int]:

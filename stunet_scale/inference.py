@@ -1,6 +1,10 @@
 """Sliding-window inference with Gaussian weighting and optional mirroring (nnU-Net's scheme).
 
-Used by validation during training and by ``stunet-scale predict``. Two details matter at scale:
+Used by validation during training and by ``stunet-scale predict``. ``network`` is any callable
+``[B, C, *patch] -> logits`` (or a deep-supervision tuple): the torch module, or for ``predict
+--backend onnxruntime`` an onnxruntime session behind the same call
+(``stunet_scale.export.onnx_model.OnnxRuntimeNetwork``), so windows, Gaussian blending and
+mirroring are one code path for both. Two details matter at scale:
 
 * Under ZeRO-3 or FSDP every forward is a collective (parameters are gathered per module), so all
   ranks must run the same number of forwards or the job hangs. ``count_forwards`` tells a rank how

@@ -418,18 +418,42 @@ def predict(
     overwrite: bool = True,
     network: Callable | None = None,
     spec=None,
+    backend: str = "torch",
+    label_map: str | Path | None = None,
 ) -> dict:
     """Segment one NIfTI or a folder; returns {"written": [...], "failed": {file: error}, "seconds": s}.
 
-    ``network``/``spec`` replace the checkpoint's (tests and custom pipelines).
+    ``network``/``spec`` replace the checkpoint's (tests and custom pipelines). ``backend``
+    "onnxruntime" runs an exported ``.onnx`` (``stunet_scale.export.onnx_model``) in place of the
+    torch module; everything around the network call is the same code. ``label_map`` (a shipped
+    name such as "btcv" or a JSON file, ``stunet_scale.label_mapping``) writes the target dataset's
+    label ids instead of the model's, merging the sources a target lists.
     """
     t_start = time.time()
     dev = pick_device(device)
-    if network is None:
+    backend_note = ""
+    if backend not in ("torch", "onnxruntime"):
+        raise PredictError(f"--backend {backend!r}: choose torch or onnxruntime")
+    if network is None and backend == "onnxruntime":
+        network, spec, dev, backend_note = _onnxruntime_network(checkpoint, device, dev, precision)
+        precision = "fp32"
+    elif network is None:
         network, spec = load_model(checkpoint, dev)
     if not 0 < step_size <= 1:
         raise PredictError(f"--step-size must be in (0, 1], got {step_size}")
     keep = parse_classes(classes, spec)
+    mapping = table = None
+    if label_map is not None:
+        from .label_mapping import LabelMapError, load_label_map
+
+        if keep is not None:
+            raise PredictError("--classes and --label-map together: the label map already chooses (and merges) the "
+                               "classes; drop --classes")
+        try:
+            mapping = load_label_map(label_map)
+            table = mapping.lookup_table(list(spec.labels))
+        except LabelMapError as e:
+            raise PredictError(str(e)) from None
     input_path, output_path = Path(input_path), Path(output_path)
     cases = list_cases(input_path, spec.in_channels)
     if output_path.name.endswith(NIFTI_SUFFIXES):  # one case -> one file, label names beside it
@@ -447,8 +471,9 @@ def predict(
         log.warning("--mirror: the model was trained without flips; mirroring TTA is skipped")
     rt = Runtime(device=dev, autocast_dtype=pick_precision(precision, dev), step_size=step_size,
                  mirror_axes=mirror_axes, batch_size=batch_size, progress=True)
-    labels_file.write_text(json.dumps(label_info(spec, keep, str(checkpoint)), indent=2) + "\n")
-    print(f"predict: {len(cases)} case(s) on {dev} ({rt.autocast_dtype or torch.float32}), "
+    info_json = mapping.labels_json(str(checkpoint)) if mapping else label_info(spec, keep, str(checkpoint))
+    labels_file.write_text(json.dumps(info_json, indent=2) + "\n")
+    print(f"predict: {len(cases)} case(s) on {dev}{backend_note} ({rt.autocast_dtype or torch.float32}), "
           f"model spacing {spec.spacing} mm, patch {spec.patch_size}, mirroring {list(mirror_axes) or 'off'}",
           flush=True)
 
@@ -465,6 +490,8 @@ def predict(
             labels, info = segment(network, spec, image, affine, rt)
             if keep is not None:
                 labels[~np.isin(labels, keep)] = 0
+            if mapping is not None:
+                labels = mapping.apply(labels, table)
             save_labels(labels, ref, target)
         except PredictError as e:
             failed[str(cases[case][0])] = str(e)
@@ -477,6 +504,24 @@ def predict(
     return {"written": written, "failed": failed, "labels_file": str(labels_file), "seconds": time.time() - t_start}
 
 
+def _onnxruntime_network(checkpoint, requested: str, device: torch.device, precision: str):
+    """(onnxruntime network, spec, torch device of the sliding window, note) for ``--backend onnxruntime``.
+
+    The graph is fp32, so no autocast. The window stacking and logit accumulation stay on the CPU:
+    onnxruntime takes and returns host arrays, so a CUDA torch side would only add copies. With
+    ``--device auto`` the GPU is used only if this onnxruntime has a CUDA provider (onnxruntime-gpu)."""
+    from .export.onnx_model import load_onnx_network, require
+
+    if precision not in ("auto", "fp32"):
+        raise PredictError(f"--precision {precision}: --backend onnxruntime runs the exported fp32 graph; "
+                           f"use --precision fp32 (or auto)")
+    if requested == "auto" and "CUDAExecutionProvider" not in require("onnxruntime").get_available_providers():
+        device = torch.device("cpu")
+    network, spec = load_onnx_network(checkpoint, device)
+    providers = network.session.get_providers()
+    return network, spec, torch.device("cpu"), f", onnxruntime {providers[0]}"
+
+
 def run_predict(args) -> int:
     """CLI handler body for ``stunet-scale predict``."""
     from .export.checkpoint_io import CheckpointError
@@ -484,7 +529,8 @@ def run_predict(args) -> int:
     try:
         result = predict(args.checkpoint, args.input, args.output, classes=args.classes, mirror=args.mirror,
                          device=args.device, step_size=args.step_size, batch_size=args.batch_size,
-                         precision=args.precision, overwrite=not args.skip_existing)
+                         precision=args.precision, overwrite=not args.skip_existing,
+                         backend=getattr(args, "backend", "torch"), label_map=getattr(args, "label_map", None))
     except (PredictError, CheckpointError) as e:
         print(f"predict failed: {e}", file=sys.stderr)
         return 1

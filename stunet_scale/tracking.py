@@ -69,7 +69,18 @@ def probe(uri: str, timeout_s: float = 3.0) -> str | None:
 
 
 class Tracker:
-    """MLflow on rank 0, guarded; a no-op everywhere else or when disabled/unreachable."""
+    """MLflow on rank 0, guarded; a no-op everywhere else or when disabled/unreachable.
+
+    Every MLflow call runs on one background thread, fed by a bounded queue: a tracking server that
+    accepts connections but never answers blocks that thread, never the training loop, so it cannot
+    stall a collective that the other ranks are already waiting in. Only two waits are bounded
+    joins: the start (the run id goes into checkpoints; after ``START_TIMEOUT_S`` MLflow is switched
+    off) and ``close`` (after ``CLOSE_TIMEOUT_S`` the run's end is abandoned with a warning).
+    """
+
+    START_TIMEOUT_S = 30.0
+    CLOSE_TIMEOUT_S = 30.0
+    MAX_QUEUED = 1000  # then metrics are dropped (counted, one warning) until the server catches up
 
     def __init__(self, tracking_cfg, run_dir: Path, rank: int, run_id: str | None = None,
                  run_name: str | None = None, params: dict | None = None, tags: dict | None = None):
@@ -78,6 +89,8 @@ class Tracker:
         self.run_id: str | None = run_id
         self.client = None
         self._failures = 0
+        self._dropped = 0
+        self._queue = None
         if not self.enabled:
             return
         self.uri = default_tracking_uri(self.run_dir, tracking_cfg.mlflow_uri)
@@ -85,13 +98,57 @@ class Tracker:
         if problem:
             self._disable(f"MLflow tracking server {self.uri} is unreachable: {problem}")
             return
-        # A dead server must not stall a step for minutes of retries (MLflow's default is 7).
+        # A dead server must not hold the worker for minutes of retries (MLflow's default is 7 x 120 s).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        import queue
+        import threading
+
+        self._queue = queue.Queue()
+        self._worker = threading.Thread(target=self._drain, name="mlflow-tracker", daemon=True)
+        self._worker.start()
+        started = threading.Event()
+        failure: list[str] = []
+
+        def start():
+            try:
+                self._start(tracking_cfg, run_name, params or {}, tags or {})
+            except Exception as e:  # noqa: BLE001 - tracking must never kill training
+                failure.append(f"{e.__class__.__name__}: {e}")
+            finally:
+                started.set()
+
+        self._queue.put(("start", start))
+        if not started.wait(self.START_TIMEOUT_S):
+            self._disable(f"MLflow at {self.uri} did not answer within {self.START_TIMEOUT_S:.0f} s")
+            self.run_id = run_id
+        elif failure:
+            self._disable(f"MLflow setup failed for {self.uri}: {failure[0]}")
+        if self.enabled:
+            _OPEN_TRACKERS.append(self)
+
+    def _drain(self) -> None:
+        q = self._queue  # close() drops self._queue while this thread may still be working
+        while True:
+            what, fn = q.get()
+            try:
+                if what == "stop":
+                    return
+                self._call(what, fn)
+            finally:
+                q.task_done()
+
+    def _call(self, what: str, fn) -> None:
+        if what != "start" and (not self.enabled or self.client is None or self.run_id is None):
+            return
         try:
-            self._start(tracking_cfg, run_name, params or {}, tags or {})
-        except Exception as e:  # noqa: BLE001 - tracking must never kill training
-            self._disable(f"MLflow setup failed for {self.uri}: {e.__class__.__name__}: {e}")
+            fn()
+            self._failures = 0
+        except Exception as e:  # noqa: BLE001
+            self._failures += 1
+            log.warning("MLflow %s failed (%d/%d): %s: %s", what, self._failures, _MAX_FAILURES, e.__class__.__name__, e)
+            if self._failures >= _MAX_FAILURES:
+                self._disable("MLflow keeps failing")
 
     def _start(self, tracking_cfg, run_name, params, tags):
         from mlflow import MlflowClient
@@ -126,17 +183,17 @@ class Tracker:
         log.warning("%s; continuing without MLflow (metrics still go to %s)", why, self.run_dir / "metrics.jsonl")
         self.enabled = False
 
-    def _guard(self, what: str, fn) -> None:
-        if not self.enabled or self.client is None or self.run_id is None:
+    def _guard(self, what: str, fn, droppable: bool = False) -> None:
+        """Queue one MLflow call for the worker thread; never blocks the caller."""
+        if not self.enabled or self._queue is None:
             return
-        try:
-            fn()
-            self._failures = 0
-        except Exception as e:  # noqa: BLE001
-            self._failures += 1
-            log.warning("MLflow %s failed (%d/%d): %s: %s", what, self._failures, _MAX_FAILURES, e.__class__.__name__, e)
-            if self._failures >= _MAX_FAILURES:
-                self._disable("MLflow keeps failing")
+        if droppable and self._queue.qsize() >= self.MAX_QUEUED:
+            self._dropped += 1
+            if self._dropped == 1:
+                log.warning("MLflow at %s is not keeping up (%d calls queued); dropping metrics until it does "
+                            "(metrics.jsonl has them all)", self.uri, self._queue.qsize())
+            return
+        self._queue.put((what, fn))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -145,7 +202,7 @@ class Tracker:
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and math.isfinite(float(v))]
         if items:
-            self._guard("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=items, synchronous=False))
+            self._guard("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=items), droppable=True)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._guard("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
@@ -154,14 +211,38 @@ class Tracker:
         for k, v in tags.items():
             self._guard("set_tag", lambda k=k, v=v: self.client.set_tag(self.run_id, k, str(v)))
 
-    def close(self, status: str = "FINISHED") -> None:
-        def finish():
-            import mlflow
+    def close(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        """End the run as FINISHED, FAILED or KILLED (with ``reason`` as the tag ``end_reason``)."""
+        if self in _OPEN_TRACKERS:
+            _OPEN_TRACKERS.remove(self)
+        if self._queue is None:
+            return
+        if not self.enabled:  # switched off (e.g. a server that never answered): nothing to wait for
+            self._queue.put(("stop", None))
+            self._queue = None
+            return
+        if reason:
+            self._guard("set_tag", lambda: self.client.set_tag(self.run_id, "end_reason", reason[:4000]))
+        self._guard("close", lambda: self.client.set_terminated(self.run_id, status=status))
+        self._queue.put(("stop", None))
+        self._worker.join(self.CLOSE_TIMEOUT_S)
+        if self._worker.is_alive():
+            log.warning("MLflow at %s did not take the run's end (%s) within %.0f s; the run may show RUNNING there",
+                        self.uri, status, self.CLOSE_TIMEOUT_S)
+        if self._dropped:
+            log.warning("MLflow: %d metric batches were dropped while the server lagged (metrics.jsonl has them)",
+                        self._dropped)
+        self._queue = None
 
-            mlflow.flush_async_logging()  # metrics are logged asynchronously
-            self.client.set_terminated(self.run_id, status=status)
 
-        self._guard("close", finish)
+# Trackers whose run is started and not yet ended: any exit path ends them (end_open_runs).
+_OPEN_TRACKERS: list[Tracker] = []
+
+
+def end_open_runs(status: str, reason: str) -> None:
+    """Mark every MLflow run this process started and did not end as ``status`` (FAILED | KILLED)."""
+    for tracker in list(_OPEN_TRACKERS):
+        tracker.close(status, reason)
 
 
 def _param_value(v) -> str:

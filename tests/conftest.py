@@ -26,6 +26,39 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# Tests write only under their tmp_path: a test that writes into the checkout (e.g. a config left
+# at run_dir=runs/debug, which is the user's own quickstart run) fails the session here.
+_WATCHED = ("runs", "mlruns", "mlflow.db", "mlartifacts", "data_shards")
+
+
+def _checkout_snapshot() -> dict[str, float]:
+    seen = {}
+    for name in _WATCHED:
+        top = REPO / name
+        if top.is_file():
+            seen[name] = top.stat().st_mtime
+        elif top.is_dir():
+            for p in top.rglob("*"):
+                seen[str(p.relative_to(REPO))] = p.stat().st_mtime if p.is_file() else 0.0
+    return seen
+
+
+def pytest_sessionstart(session):
+    session.config._checkout_before = _checkout_snapshot()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_checkout_before", None)
+    if before is None or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    after = _checkout_snapshot()
+    changed = sorted(k for k, v in after.items() if before.get(k) != v)
+    if changed:
+        print(f"\nERROR: the tests wrote into the checkout ({REPO}): {', '.join(changed[:10])}"
+              f"{' ...' if len(changed) > 10 else ''}. Tests must write only under tmp_path.")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

@@ -44,8 +44,11 @@ TINY = ["model.size=null", "model.base_width=4", "model.blocks_per_stage=1", "mo
         "distributed.activation_checkpointing=block", "validation.enabled=false", "tracking.enabled=false"]
 
 
+RUN_DIR = ["."]  # set by main(): DeepSpeed's backend writes deepspeed_config.json into run_dir
+
+
 def cfg_with(*overrides):
-    return load_config(None, [*TINY, *overrides])
+    return load_config(None, [*TINY, f"run_dir={RUN_DIR[0]}", *overrides])
 
 
 def batch(cfg, g0: int, n: int):
@@ -80,6 +83,7 @@ def full_params(b) -> torch.Tensor:
 
 
 def main(out_dir: str) -> None:
+    RUN_DIR[0] = str(Path(out_dir) / "run")  # never the default runs/debug of the user's checkout
     env = init_distributed(120, need_group=True)
     r = env.rank
     res: dict = {}

@@ -178,3 +178,68 @@ def test_untrusted_pickle_in_rng_file_is_refused(tmp_path):
     with pytest.raises(Exception):
         load_rng(tmp_path, 0)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_check_same_plan_names_both_values_and_honours_the_override(tmp_path):
+    from stunet_scale.checkpointing.state import check_same_plan
+    from stunet_scale.config import ConfigError
+
+    saved = TrainerState(step=4, seed=0, plan_fingerprint="aaaa")
+    assert check_same_plan(saved, tmp_path, seed=0, fingerprint="aaaa", allow_change=False) == []
+    with pytest.raises(ConfigError, match=r"seed 0 in the checkpoint, 1 now.*allow_plan_change=true"):
+        check_same_plan(saved, tmp_path, seed=1, fingerprint="aaaa", allow_change=False)
+    with pytest.raises(ConfigError, match=r"fingerprint aaaa in the checkpoint, bbbb now"):
+        check_same_plan(saved, tmp_path, seed=0, fingerprint="bbbb", allow_change=False)
+    warnings = check_same_plan(saved, tmp_path, seed=1, fingerprint="bbbb", allow_change=True)
+    assert len(warnings) == 2 and "allow_plan_change=true" in warnings[0]
+    # a checkpoint from before fingerprints were stored: only the seed can be compared
+    old = TrainerState.from_file(_write_state_without(tmp_path / "old.json", "plan_fingerprint"))
+    assert old.plan_fingerprint is None
+    assert check_same_plan(old, tmp_path, seed=0, fingerprint="bbbb", allow_change=False) == []
+
+
+def _write_state_without(path: Path, key: str) -> Path:
+    data = json.loads(TrainerState(step=4).to_json())
+    del data[key]
+    path.write_text(json.dumps(data))
+    return path
+
+
+class _PlannedData:
+    """The synthetic train stream with a sample-plan fingerprint, as the real TrainStream has."""
+
+    def __init__(self, fingerprint: str):
+        import synthetic_data
+
+        self.module, self.fingerprint = synthetic_data, fingerprint
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def build_train_stream(self, cfg, **kwargs):
+        stream = self.module.build_train_stream(cfg, **kwargs)
+        stream.fingerprint = self.fingerprint
+        return stream
+
+
+def test_resume_with_another_seed_or_sample_plan_stops_with_exit_2(tmp_path, caplog):
+    from conftest import REPO
+    from stunet_scale.train import EXIT_CONFIG, EXIT_OK, main
+
+    args = ["--config", str(REPO / "configs" / "debug.yaml"), f"run_dir={tmp_path}", *TINY, "seed=0",
+            "schedule.samples_per_epoch=8", "validation.enabled=false", "tracking.enabled=false",
+            "checkpoint.every_steps=2"]
+    assert main([*args, "schedule.max_steps=2"], data=_PlannedData("aaaa")) == EXIT_OK
+    saved = json.loads(next((tmp_path / "checkpoints").glob("step_*/trainer_state.json")).read_text())
+    assert saved["plan_fingerprint"] == "aaaa" and saved["seed"] == 0
+    with caplog.at_level(logging.WARNING):
+        assert main([*args, "schedule.max_steps=4"], data=_PlannedData("bbbb")) == EXIT_CONFIG
+        assert "fingerprint aaaa in the checkpoint, bbbb now" in caplog.text
+        assert main([*args, "schedule.max_steps=4", "seed=7"], data=_PlannedData("aaaa")) == EXIT_CONFIG
+        assert "seed 0 in the checkpoint, 7 now" in caplog.text
+        caplog.clear()
+        assert main([*args, "schedule.max_steps=4", "checkpoint.allow_plan_change=true"],
+                    data=_PlannedData("bbbb")) == EXIT_OK
+        assert "allow_plan_change=true: continuing with sample-plan fingerprint aaaa" in caplog.text
+    newest = max((tmp_path / "checkpoints").glob("step_*/trainer_state.json"))
+    assert json.loads(newest.read_text())["plan_fingerprint"] == "bbbb"

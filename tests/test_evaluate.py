@@ -163,3 +163,63 @@ def test_cli_exit_codes_table_and_json(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["evaluate", str(pred)])
     assert e.value.code == 2
+
+
+def test_surface_metrics_use_the_files_anisotropic_spacing_and_per_class_tolerance(tmp_path):
+    masks = _masks()
+    case = _totalseg_case(tmp_path / "s0001", masks)
+    lab = _label_map(masks)
+    lab[lab == NAMES.index("liver")] = 0
+    lab[0:6, 0:6, 1:7] = NAMES.index("liver")  # the liver one slice (2 mm) deeper along z
+    lab[0, 9, 7] = NAMES.index("aorta")  # a false positive where the reference is empty
+    pred = _save(lab, tmp_path / "pred.nii.gz")
+    tol = tmp_path / "tol.json"
+    tol.write_text(json.dumps({"default": 1.0, "liver": 2.0}))
+    r = evaluate_case(pred, case, NAMES, nsd_tolerance=tol)
+    from stunet_scale.surface_metrics import class_metrics
+
+    spacing = (1.5, 1.5, 2.0)
+    liver = class_metrics(lab == 1, masks["liver"], spacing, 2.0)
+    assert r.spacing == list(spacing)
+    assert r.metrics["hd95"]["liver"] == pytest.approx(liver["hd95"]) and liver["hd95"] == pytest.approx(2.0)
+    assert r.metrics["nsd"]["liver"] == pytest.approx(liver["nsd"]) and liver["nsd"] == 1.0  # within 2 mm everywhere
+    assert evaluate_case(pred, case, NAMES, nsd_tolerance=1.0).metrics["nsd"]["liver"] < 1.0  # 1 mm is not enough
+    assert r.metrics["hd95"]["spleen"] == 0.0 and r.metrics["nsd"]["spleen"] == 1.0
+    # one-sided miss: dice 0, nsd 0, hd95 inf ("inf" in JSON); both empty would be NaN
+    assert (r.dice["aorta"], r.metrics["nsd"]["aorta"], r.metrics["hd95"]["aorta"]) == (0.0, 0.0, math.inf)
+    assert r.to_json()["hd95"]["aorta"] == "inf"
+    with pytest.raises(EvaluationError, match="liver"):
+        evaluate_case(pred, case, NAMES, nsd_tolerance={"liver": -1})
+    with pytest.raises(EvaluationError, match="nope.json"):
+        evaluate_case(pred, case, NAMES, nsd_tolerance=str(tmp_path / "nope.json"))
+
+
+def test_folder_in_parallel_writes_json_csv_and_boxplot(tmp_path, capsys):
+    import csv
+
+    masks = _masks()
+    preds = tmp_path / "pred"
+    for i in range(3):
+        _totalseg_case(tmp_path / "ref" / f"s{i:04d}", masks)
+        lab = _label_map(masks)
+        if i == 2:
+            lab[lab == NAMES.index("spleen")] = 0  # spleen missed in one case: hd95 inf there
+        _save(lab, preds / f"s{i:04d}.nii.gz")
+    (preds / "labels.json").write_text(json.dumps({"labels": {str(k): n for k, n in enumerate(NAMES)}}))
+    serial = evaluate(preds, tmp_path / "ref")
+    out = tmp_path / "res" / "result.json"
+    assert main(["evaluate", str(preds), str(tmp_path / "ref"), "--workers", "2", "--out", str(out)]) == 0
+    assert "hd95" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res == json.loads(json.dumps(serial.to_json()))  # same numbers as one process, same case order
+    assert [c["case"] for c in res["cases"]] == ["s0000", "s0001", "s0002"]
+    assert res["mean_dice_per_class"]["spleen"] == pytest.approx(2 / 3)
+    assert res["mean_hd95_per_class"]["spleen"] == 0.0 and res["hd95_infinite_per_class"]["spleen"] == 1
+    rows = list(csv.DictReader((tmp_path / "res" / "result.csv").open()))
+    assert len(rows) == 3 * 4 and rows[0].keys() >= {"case", "class", "dice", "hd95", "nsd"}
+    miss = next(r for r in rows if r["case"] == "s0002" and r["class"] == "spleen")
+    assert (miss["dice"], miss["hd95"], miss["nsd"]) == ("0.0", "inf", "0.0")
+    assert next(r for r in rows if r["class"] == "aorta")["hd95"] == ""  # both empty: not scored
+    assert (tmp_path / "res" / "result_boxplot.png").stat().st_size > 1000
+    assert main(["evaluate", str(preds), str(tmp_path / "ref"), "--metrics", "dice"]) == 0
+    assert "hd95" not in capsys.readouterr().out

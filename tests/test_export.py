@@ -149,7 +149,7 @@ def test_export_refuses_a_non_empty_target_and_leaves_no_partial(tmp_path):
         export(source, out, log=lambda *a: None)
     assert (out / "keep.txt").read_text() == "precious"
     with pytest.raises(ValueError, match="unknown export format"):
-        export(source, tmp_path / "x", formats=["onnx"], log=lambda *a: None)
+        export(source, tmp_path / "x", formats=["tflite"], log=lambda *a: None)
     assert not list(tmp_path.glob("*.partial-*"))
 
 
@@ -296,3 +296,23 @@ def test_last_validation_of_a_run_reaches_the_card(tmp_path):
     spec.training = dict(spec.training, validation=val)
     table = "\n".join(validation_table(spec))
     assert "mean 0.7000" in table and "| liver | 0.8000 |" in table and "| spleen | 0.6000 |" in table
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_exported_files_are_team_readable_under_the_umask(tmp_path, umask, mode):
+    # safetensors' save_file creates 0600 files: a shared export would be unreadable to the team.
+    # Every file gets what a plain open() gives, so a private umask (077) keeps files private.
+    import os
+    import stat
+
+    source, _, _ = write_source(tmp_path / "ckpt.pth")
+    old = os.umask(umask)
+    try:
+        result = export(source, tmp_path / "out", formats=["stunet", "nnunet", "safetensors"], verify=False,
+                        log=lambda *a: None)
+    finally:
+        os.umask(old)
+    files = [p for p in result.out.rglob("*") if p.is_file()]
+    assert result.out / "hf" / "model.safetensors" in files and len(files) >= 8
+    modes = {str(p.relative_to(result.out)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert set(modes.values()) == {oct(mode)}, modes

@@ -1,8 +1,9 @@
 """Export after real 2-rank DeepSpeed ZeRO-3 and FSDP2 CPU runs, then fine-tune from an export with the same trainer.
 
-The consolidated weights must equal the backends' own reconstructions bit for bit (DeepSpeed's
-``zero_to_fp32``, torch's ``dcp_to_torch_save``), also for a ZeRO checkpoint without our portable
-copy, and every exported format must reload to exactly those tensors.
+The consolidated weights (read from the portable/ copy every save writes) must equal the backends'
+own reconstructions bit for bit (DeepSpeed's ``zero_to_fp32``, torch's ``dcp_to_torch_save``); a ZeRO
+checkpoint without our portable copy is refused until its owner converts it with ``--trust-native``,
+and every exported format must reload to exactly those tensors.
 """
 
 from __future__ import annotations
@@ -101,12 +102,13 @@ def test_finetune_recipe_initialises_from_the_export(zero3_run, tmp_path):
     assert "loaded 120 tensors" in report and report.count("head re-initialised (4 -> 3 classes)") == 10
 
 
-def test_zero3_checkpoint_without_portable_copy_goes_through_zero_to_fp32(zero3_run, tmp_path):
-    from stunet_scale.checkpointing import load_consolidated
-    from stunet_scale.checkpointing.commit import MANIFEST
+def test_zero3_checkpoint_without_portable_copy_is_refused_until_converted_knowingly(zero3_run, tmp_path):
+    from stunet_scale.checkpointing.commit import MANIFEST, verify
+    from stunet_scale.checkpointing.trust_native import add_portable_copy
+    from stunet_scale.export.checkpoint_io import CheckpointError
 
-    # What a run with checkpoint.portable_copy=false commits: the same checkpoint minus portable/
-    # (and minus portable/ in the commit manifest, so the checkpoint still verifies as committed).
+    # What an older version committed with checkpoint.portable_copy=false: the same checkpoint minus
+    # portable/ (and minus portable/ in the commit manifest, so the checkpoint still verifies).
     run = tmp_path / "run"
     shutil.copytree(zero3_run, run)
     ckpt = next((run / "checkpoints").glob("step_*"))
@@ -114,7 +116,12 @@ def test_zero3_checkpoint_without_portable_copy_goes_through_zero_to_fp32(zero3_
     manifest = json.loads((ckpt / MANIFEST).read_text())
     manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("portable/")}
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
-    assert load_consolidated(run).meta["source"] == "zero_to_fp32"
+    # DeepSpeed's *_states.pt are pickles: export never opens them...
+    with pytest.raises(CheckpointError, match="no portable/ copy.*trust_native --trust-native"):
+        export(run, tmp_path / "refused", log=lambda *a: None)
+    # ...until the owner of the run converts it, knowingly, through DeepSpeed's zero_to_fp32.
+    add_portable_copy(run, trust_native=True)
+    assert verify(ckpt) == (True, "")
     result = export(run, tmp_path / "export", log=lambda *a: None)
     _assert_export_equals(run, result.out, _zero_to_fp32(zero3_run))
 
@@ -132,6 +139,10 @@ def test_export_after_fsdp2_is_bit_exact_with_dcp_to_torch_save(fsdp2_run, tmp_p
         k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
     reference = {clean_key(k): v.float() for k, v in model.items()}
     assert reference and not any(k.startswith("optim") for k in reference)
+    # FSDP2 saves write portable/ too, and export reads only that (DCP's .metadata is a pickle).
+    from stunet_scale.checkpointing import load_consolidated
+
+    assert (ckpt / "portable" / "index.json").is_file() and load_consolidated(fsdp2_run).meta["source"] == "portable"
     result = export(fsdp2_run, tmp_path / "export", formats=["stunet", "safetensors"], log=lambda *a: None)
     _assert_export_equals(fsdp2_run, result.out, reference)
     config = json.loads((result.out / "hf" / "config.json").read_text())

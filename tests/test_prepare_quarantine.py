@@ -256,3 +256,23 @@ def test_worker_that_dies_twice_is_quarantined(tmp_path, monkeypatch):
     q = [json.loads(x) for x in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
     assert [(x["id"], x["reason"]) for x in q] == [("g2", "WORKER_CRASHED")]
     assert r["ok"] == 2
+
+
+def test_quarantined_val_or_test_case_fails_the_run_unless_allowed(tmp_path, caplog):
+    """Issue 13: a quarantined val/test case shrinks the evaluation set silently; prepare exits 1
+    naming it and the flag, even when the quarantine budget would allow it."""
+    from stunet_scale.cli import main
+
+    root = _totalseg_dataset(tmp_path / "raw", {"bad": lambda c: _truncate(_ct(c))})
+    (root / "meta.csv").write_bytes("\ufeffimage_id;split\ng1;train\ng2;train\ng3;train\nbad;val\n".encode())
+    r = prepare_dataset(root, tmp_path / "out", classes="totalseg-v2", spacing=2.0, format="zarr", max_quarantine_fraction=0.5)
+    assert r["exit_code"] == 1 and r["quarantined_eval"] == ["bad"]
+    assert "bad (val: IO_CORRUPT)" in caplog.text and "--allow-quarantined-eval" in caplog.text
+    assert main(["prepare", str(root), str(tmp_path / "out"), "--classes", "totalseg-v2", "--spacing", "2", "--format", "zarr",
+                 "--max-quarantine-fraction", "0.5"]) == 1
+    assert main(["prepare", str(root), str(tmp_path / "out"), "--classes", "totalseg-v2", "--spacing", "2", "--format", "zarr",
+                 "--max-quarantine-fraction", "0.5", "--allow-quarantined-eval"]) == 0
+    # a quarantined train case is still only counted against the budget
+    (root / "meta.csv").write_bytes("\ufeffimage_id;split\ng1;val\ng2;train\ng3;test\nbad;train\n".encode())
+    r = prepare_dataset(root, tmp_path / "out2", classes="totalseg-v2", spacing=2.0, format="zarr", max_quarantine_fraction=0.5)
+    assert r["exit_code"] == 0 and r["quarantined_eval"] == []

@@ -62,6 +62,17 @@ run); ``bytes_per_voxel_ratio``, ``bytes_per_case_ratio``; ``class_volumes`` (``
 ``mean_abs_pct``, ``foreground_err_pct``}, ``same_grid`` {``voxels``, ``differing_voxels``,
 ``ours_label_seconds``, ``nnunet_label_seconds``}, ``ours_no_worse``, ``ours_nearest_no_worse``});
 ``goals`` {``speed``, ``bytes``, ``class_volumes``} and ``goal_met`` (all three).
+
+**Full size** (``--full-size``, ``run_full_size_benchmark``): generates real-sized demo cases
+(default 512x512x400 at 0.8 mm, 117 masks; larger than that they are built at half resolution and
+repeated, see ``demo.write_demo_dataset(upsample=)``) and runs, back to back and each in its own
+process so that its peak RSS is its own: ours (``prepare``, 1 worker, 1 thread) and nnU-Net v2
+(TotalSegmentator's label merge, then fingerprint + plan + preprocess with one process). Keys:
+``ours`` {``seconds_per_case``, ``cpu_seconds_per_case``, ``peak_rss_bytes``, ``stored_shapes``, ...},
+``nnunet`` {``merge_seconds``, ``fingerprint_seconds``, ``plan_seconds``, ``preprocess_seconds``,
+``seconds_per_case``, ``cpu_seconds_per_case``, ``merge_peak_rss_bytes``, ``preprocess_peak_rss_bytes``,
+``peak_rss_bytes``}, ``speedup_per_case`` (wall) and ``speedup_cpu_per_case`` (user + system CPU
+time of the whole child processes: the robust one when other jobs share the cores).
 """
 
 from __future__ import annotations
@@ -155,8 +166,26 @@ def convert_to_nnunet(src: Path, dst: Path, ids: list[str], class_map: str) -> f
     return time.perf_counter() - t0
 
 
-def _nnunet_child(out_json: str, spacing: float) -> None:
-    """Runs in a fresh interpreter with nnUNet_raw/nnUNet_preprocessed set: fingerprint, plan, preprocess."""
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process or of any child it waited for (nnU-Net's pool workers)."""
+    import resource
+
+    kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return int(kib) * 1024  # Linux reports KiB
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and the children it waited for: unlike wall time, it
+    barely moves when other jobs share the cores, so it is the fairer number on a busy machine."""
+    import resource
+
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
+
+def _nnunet_child(out_json: str, spacing: float, steady: bool = True) -> None:
+    """Runs in a fresh interpreter with nnUNet_raw/nnUNet_preprocessed set: fingerprint, plan, preprocess
+    (then, with ``steady``, each case once more in this warm process)."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
 
     times = {}
@@ -169,6 +198,11 @@ def _nnunet_child(out_json: str, spacing: float) -> None:
     t = time.perf_counter()
     preprocess([DATASET_ID], configurations=("3d_fullres",), num_processes=(1,))
     times["preprocess_seconds"] = time.perf_counter() - t
+    times["peak_rss_bytes"] = peak_rss_bytes()
+    times["cpu_seconds"] = cpu_seconds()
+    if not steady:
+        Path(out_json).write_text(json.dumps(times))
+        return
     # steady state: the per-case work of both steps, timed in this (warm) process, no pool start-up
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
@@ -197,14 +231,14 @@ def _nnunet_child(out_json: str, spacing: float) -> None:
     Path(out_json).write_text(json.dumps(times))
 
 
-def _nnunet(raw_root: Path, pre_root: Path, n_cases: int, spacing: float) -> dict:
+def _nnunet(raw_root: Path, pre_root: Path, n_cases: int, spacing: float, steady: bool = True) -> dict:
     from importlib import metadata
 
     out_json = raw_root.parent / "nnunet_times.json"
     env = {**os.environ, "nnUNet_raw": str(raw_root), "nnUNet_preprocessed": str(pre_root),
            "nnUNet_results": str(pre_root.parent / "nnUNet_results"), "nnUNet_def_n_proc": "1",
            "nnUNet_compile": "f"}
-    code = f"from stunet_scale.bench.prepare import _nnunet_child; _nnunet_child({str(out_json)!r}, {spacing!r})"
+    code = f"from stunet_scale.bench.prepare import _nnunet_child; _nnunet_child({str(out_json)!r}, {spacing!r}, {steady!r})"
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -221,8 +255,9 @@ def _nnunet(raw_root: Path, pre_root: Path, n_cases: int, spacing: float) -> dic
     stored = _dir_bytes(folder)
     arrays = _dir_bytes(folder, (".b2nd",))
     steps = times["fingerprint_seconds"] + times["plan_seconds"] + times["preprocess_seconds"]
-    times["steady_mean_seconds_per_case"] = float(np.mean(times["steady_seconds_per_case"]))
-    times["steady_seconds_per_output_voxel"] = float(np.sum(times["steady_seconds_per_case"])) / max(1, voxels)
+    if steady:
+        times["steady_mean_seconds_per_case"] = float(np.mean(times["steady_seconds_per_case"]))
+        times["steady_seconds_per_output_voxel"] = float(np.sum(times["steady_seconds_per_case"])) / max(1, voxels)
     return {
         "version": metadata.version("nnunetv2"), **times, "child_process_wall_seconds": wall,
         "seconds_fingerprint_plan_preprocess": steps, "voxels": voxels, "bytes": stored,
@@ -552,4 +587,129 @@ def format_report(r: dict, per_class: bool = False) -> str:
         f"(speed {'ok' if r['goals']['speed'] else 'NOT ok'}, bytes {'ok' if r['goals']['bytes'] else 'NOT ok'}, "
         f"class volumes {'ok' if r['goals']['class_volumes'] else 'NOT ok'})",
     ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# full size: one real-sized TotalSegmentator case, ours vs nnU-Net's merge + preprocess, time and memory
+# ------------------------------------------------------------------------------------------------
+
+FULL_SIZE_SHAPE = (512, 512, 400)  # a typical TotalSegmentator CT: 512x512 in-plane, 200-1000 slices
+FULL_SIZE_SPACING = 0.8  # mm, the fine end of the dataset (~0.8-1.5 mm)
+UPSAMPLE_ABOVE_VOXELS = 512 * 512 * 400  # the phantom needs ~140 B/voxel: build larger cases at half resolution
+
+
+def _ours_full_child(src: str, out: str, class_map: str, spacing: float, out_json: str) -> None:
+    """In a fresh interpreter (so its peak RSS is its own): ``prepare`` with one worker, one thread."""
+    from stunet_scale.data.prepare import prepare_dataset
+
+    t = time.perf_counter()
+    r = prepare_dataset(src, out, format="zarr", workers=1, threads=1, classes=class_map, spacing=spacing)
+    secs = time.perf_counter() - t
+    m = json.loads((Path(out) / "manifest.json").read_text())
+    Path(out_json).write_text(json.dumps({
+        "seconds": secs, "cases": r["ok"], "peak_rss_bytes": peak_rss_bytes(), "cpu_seconds": cpu_seconds(),
+        "stored_shapes": {c: e["shape"] for c, e in m["cases"].items()},
+        "steady_seconds_per_case": [json.loads((Path(out) / "parts" / "cases" / f"{c}.json").read_text())["seconds"]
+                                    for c in m["cases"]]}))
+
+
+def _merge_child(src: str, dst: str, ids: list[str], class_map: str, out_json: str) -> None:
+    """In a fresh interpreter: nnU-Net's first step for this layout, TotalSegmentator's label merge."""
+    secs = convert_to_nnunet(Path(src), Path(dst), ids, class_map)
+    Path(out_json).write_text(json.dumps({"seconds": secs, "peak_rss_bytes": peak_rss_bytes(), "cpu_seconds": cpu_seconds()}))
+
+
+def _run_child(code: str, out_json: Path, env: dict | None = None) -> dict:
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"benchmark step failed ({code[:80]}...):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return json.loads(out_json.read_text())
+
+
+def run_full_size_benchmark(shape=FULL_SIZE_SHAPE, spacing: float = FULL_SIZE_SPACING, cases: int = 1,
+                            data: str | Path | None = None, keep: str | Path | None = None, nnunet: bool = True,
+                            upsample: int | None = None, target_spacing: float = 1.5) -> dict:
+    """Generate (or reuse, in ``data``) full-size demo cases and time, back to back in this run, each
+    in its own process with its peak RSS: ours (``prepare``, 1 worker, 1 thread) and nnU-Net v2
+    (TotalSegmentator's label merge, then fingerprint + plan + preprocess of 3d_fullres with one
+    process). Per-case numbers are whole-run wall time / cases (process start-up included on both sides)."""
+    from stunet_scale.data.demo import write_demo_dataset
+
+    shape = tuple(int(n) for n in shape)
+    if upsample is None:
+        upsample = 2 if int(np.prod(shape)) > UPSAMPLE_ABOVE_VOXELS else 1
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bench_prepare_full_"))
+    work.mkdir(parents=True, exist_ok=True)
+    raw = Path(data) if data else work / "raw"
+    try:
+        t = time.perf_counter()
+        write_demo_dataset(raw, cases=cases, seed=0, shape=[(n, n) for n in shape], spacing=spacing, upsample=upsample)
+        gen_secs = time.perf_counter() - t
+        ids = sorted(p.name for p in raw.iterdir() if p.is_dir() and (p / "ct.nii.gz").exists())[:cases]
+        class_map = "totalseg-v2"
+        for f in sorted(raw.rglob("*.nii*")):  # page cache warm for both sides
+            f.read_bytes()
+        mod = "from stunet_scale.bench import prepare as b; "
+        ours_out = work / "ours"
+        shutil.rmtree(ours_out, ignore_errors=True)
+        ours = _run_child(mod + f"b._ours_full_child({str(raw)!r}, {str(ours_out)!r}, {class_map!r}, {target_spacing!r}, "
+                                f"{str(work / 'ours.json')!r})", work / "ours.json")
+        result = {
+            "shape": list(shape), "spacing_mm": spacing, "target_spacing_mm": target_spacing, "cases": len(ids),
+            "generated_upsample": upsample, "generate_seconds": gen_secs, "data": str(raw),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "ours": {**ours, "seconds_per_case": ours["seconds"] / max(1, ours["cases"]),
+                     "cpu_seconds_per_case": ours["cpu_seconds"] / max(1, ours["cases"])},
+        }
+        if nnunet:
+            raw_root = work / "nnUNet_raw"
+            shutil.rmtree(raw_root, ignore_errors=True)
+            shutil.rmtree(work / "nnUNet_preprocessed", ignore_errors=True)
+            merge = _run_child(mod + f"b._merge_child({str(raw)!r}, {str(raw_root / DATASET_NAME)!r}, {ids!r}, {class_map!r}, "
+                                     f"{str(work / 'merge.json')!r})", work / "merge.json")
+            nn = _nnunet(raw_root, work / "nnUNet_preprocessed", len(ids), target_spacing, steady=False)
+            total = merge["seconds"] + nn["seconds_fingerprint_plan_preprocess"]
+            result["nnunet"] = {
+                "version": nn["version"], "merge_seconds": merge["seconds"], "fingerprint_seconds": nn["fingerprint_seconds"],
+                "plan_seconds": nn["plan_seconds"], "preprocess_seconds": nn["preprocess_seconds"],
+                "seconds_per_case": total / len(ids), "merge_peak_rss_bytes": merge["peak_rss_bytes"],
+                "preprocess_peak_rss_bytes": nn["peak_rss_bytes"],
+                "peak_rss_bytes": max(merge["peak_rss_bytes"], nn["peak_rss_bytes"]), "voxels": nn["voxels"],
+                # the whole child processes (interpreter start-up and imports included, on both sides)
+                "cpu_seconds_per_case": (merge["cpu_seconds"] + nn["cpu_seconds"]) / len(ids),
+            }
+            result["speedup_per_case"] = result["nnunet"]["seconds_per_case"] / result["ours"]["seconds_per_case"]
+            result["speedup_cpu_per_case"] = result["nnunet"]["cpu_seconds_per_case"] / result["ours"]["cpu_seconds_per_case"]
+        return result
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def format_full_size_report(r: dict) -> str:
+    o = r["ours"]
+    gb = lambda b: b / 1e9  # noqa: E731
+    shapes = ", ".join("x".join(map(str, s)) for s in o["stored_shapes"].values())
+    lines = [
+        f"bench prepare --full-size: {r['cases']} case(s) of {'x'.join(map(str, r['shape']))} voxels at {r['spacing_mm']} mm, "
+        f"117 masks each -> {r['target_spacing_mm']} mm, one process and one core each ({r['machine']['cpus']} CPUs here)",
+        f"{'pipeline':44s} {'s/case':>8s} {'CPU s/case':>10s} {'peak RSS GB':>12s}",
+        f"{'ours (prepare, 1 worker, 1 thread)':44s} {o['seconds_per_case']:8.1f} {o['cpu_seconds_per_case']:10.1f} "
+        f"{gb(o['peak_rss_bytes']):12.2f}   stored {shapes}",
+    ]
+    if "nnunet" in r:
+        n = r["nnunet"]
+        lines += [
+            f"{'nnU-Net v' + n['version'] + ' (merge + fingerprint/plan/preproc.)':44s} {n['seconds_per_case']:8.1f} "
+            f"{n['cpu_seconds_per_case']:10.1f} {gb(n['peak_rss_bytes']):12.2f}",
+            f"{'  of which label merge (nibabel loop)':44s} {n['merge_seconds'] / r['cases']:8.1f} {'':10s} "
+            f"{gb(n['merge_peak_rss_bytes']):12.2f}",
+            f"{'  of which fingerprint + plan + preprocess':44s} "
+            f"{(n['fingerprint_seconds'] + n['plan_seconds'] + n['preprocess_seconds']) / r['cases']:8.1f} {'':10s} "
+            f"{gb(n['preprocess_peak_rss_bytes']):12.2f}",
+            f"speed-up per case: {r['speedup_per_case']:.1f}x wall, {r['speedup_cpu_per_case']:.1f}x CPU time "
+            f"(goal >= 3x: {'met' if min(r['speedup_per_case'], r['speedup_cpu_per_case']) >= 3 else 'NOT met'})",
+        ]
+    lines.append(f"peak RSS per worker <= 4 GB: {'yes' if o['peak_rss_bytes'] <= 4e9 else 'NO'}")
     return "\n".join(lines)

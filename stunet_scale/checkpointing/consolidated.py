@@ -1,6 +1,8 @@
 """Full fp32 weights out of any training checkpoint, in one process, without a GPU.
 
 This is what ``stunet-scale export`` builds on (issue 6) and what a user reaches for to inspect a run.
+It reads safetensors and JSON/YAML only; the backends' pickled native files are read by
+``trust_native.py`` alone, the explicit conversion of a user's own old checkpoint.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ import torch
 import yaml
 
 from .commit import CheckpointError, list_checkpoints, resolve_newest_valid, verify
-from .portable import DCPReader, PortableReader
+from .portable import PortableReader
 from .state import CONFIG_FILE, STATE_FILE, TrainerState
 
 # Wrappers that rename parameters; the released STU-Net keys have none of them. DDP/DeepSpeed and
 # torch.compile put theirs in front, checkpoint/FSDP1 wrappers anywhere along the path.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 WRAPPER_INFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+class NoPortableCopy(CheckpointError):
+    """A valid training checkpoint without ``portable/``: only its pickled native files hold the weights."""
 
 
 @dataclass
@@ -66,48 +72,40 @@ def load_consolidated(path: str | Path) -> ConsolidatedCheckpoint:
 
     ``path`` may be a run directory (its newest *valid* checkpoint is used; corrupt newer ones are
     skipped with an error log), its ``checkpoints/`` directory, or one ``step_*`` directory.
-    Works for every backend (one process, DDP, FSDP2/DCP, DeepSpeed ZeRO 0-3) and any training
+    Works for every backend (one process, DDP, FSDP2, DeepSpeed ZeRO 0-3) and any training
     world size, on CPU, without a process group. Memory: about one fp32 copy of the model
-    (tensors are read one at a time from memory-mapped safetensors or DCP files).
+    (tensors are read one at a time from memory-mapped safetensors files).
+
+    Only the checkpoint's ``portable/`` safetensors copy, ``trainer_state.json`` and ``config.yaml``
+    are read: nothing is unpickled, so a checkpoint handed over by someone else cannot run code here
+    (export, ``load_pretrained`` and ``predict`` all come through this function). The backend's own
+    ``native/`` files (DeepSpeed ``*_states.pt``, DCP ``.metadata``) are pickles and are never opened;
+    a checkpoint without ``portable/`` (written before every save wrote one) is refused with the
+    command that adds the copy from the user's own, trusted run (``trust_native.py``).
 
     Returns a ``ConsolidatedCheckpoint`` with ``state_dict`` keyed exactly like the released
     STU-Net checkpoints (no ``module.``/``_orig_mod.`` prefixes), ``config`` (the run's resolved
     ``TrainConfig`` as a dict), ``step``, ``samples_seen`` and ``meta`` (checkpoint path, backend,
     world size, MLflow run id, git revision, run name).
 
-    A DeepSpeed checkpoint written with ``checkpoint.portable_copy=false`` (or by any ZeRO 1-3 run
-    without our portable copy) is consolidated by DeepSpeed's own ``zero_to_fp32`` from its native
-    shards, on CPU; that path holds the ranks' flat fp32 partitions while it rebuilds the tensors.
-
     Raises ``CheckpointError`` naming the directory when nothing valid is found or a checkpoint
-    holds no weights this function can read.
+    holds no portable copy.
     """
     ckpt = find_checkpoint(path)
     state = TrainerState.from_file(ckpt / STATE_FILE)
-    if (ckpt / "portable" / "index.json").is_file():
-        reader = PortableReader(ckpt / "portable")
-        source = "portable"
-    elif state.backend == "fsdp2" and (ckpt / "native" / ".metadata").is_file():
-        reader = DCPReader(ckpt / "native")
-        source = "dcp"
-    elif state.backend == "deepspeed" and (ckpt / "native").is_dir():
-        reader = None
-        raw = _deepspeed_fp32(ckpt / "native", ckpt)
-        source = "zero_to_fp32"
-    else:
-        raise CheckpointError(
-            f"{ckpt}: neither a portable/ copy of the weights nor native shards this tool can consolidate "
-            f"(backend {state.backend!r})"
-        )
-    if reader is not None:
+    if not (ckpt / "portable" / "index.json").is_file():
+        raise NoPortableCopy(no_portable_message(ckpt, state.backend))
+    reader = PortableReader(ckpt / "portable")
+    try:
         raw = reader.state_dict()
+    finally:
         reader.close()
     state_dict = {clean_key(k): v.float().contiguous() for k, v in raw.items()}
     del raw
-    config = yaml.safe_load((ckpt / CONFIG_FILE).read_text()) if (ckpt / CONFIG_FILE).is_file() else {}
+    config = _read_config(ckpt / CONFIG_FILE)
     meta = {
         "path": str(ckpt),
-        "source": source,
+        "source": "portable",
         "backend": state.backend,
         "zero_stage": state.zero_stage,
         "world_size": state.world_size,
@@ -120,29 +118,26 @@ def load_consolidated(path: str | Path) -> ConsolidatedCheckpoint:
     return ConsolidatedCheckpoint(state_dict, config, state.step, state.samples_seen, meta)
 
 
-def _deepspeed_fp32(native: Path, ckpt: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights from DeepSpeed's native ZeRO shards via its ``zero_to_fp32`` (any stage, world size).
-
-    DeepSpeed picks its accelerator when imported; the conversion itself only ``torch.load``s to CPU,
-    so it runs the same with ``DS_ACCELERATOR=cpu`` on a machine without a GPU.
-    """
-    import inspect
-
+def _read_config(path: Path) -> dict:
+    """The run's resolved config, with the safe YAML loader: a ``!!python/...`` tag is refused, never run."""
+    if not path.is_file():
+        return {}
     try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    except ImportError as e:
-        raise CheckpointError(f"{ckpt}: a DeepSpeed checkpoint without a portable/ copy needs deepspeed ({e})") from None
-    # The trainer saves under a fixed tag (parallel/deepspeed_engine.py) and writes no "latest" file;
-    # a checkpoint saved by plain DeepSpeed has one, which tag=None reads.
-    tags = [d.name for d in native.iterdir() if d.is_dir() and any(d.glob("*model_states.pt"))]
-    tag = "native" if "native" in tags else (tags[0] if len(tags) == 1 else None)
-    kwargs = {}
-    if "lazy_mode" in inspect.signature(get_fp32_state_dict_from_zero_checkpoint).parameters:
-        kwargs["lazy_mode"] = True  # tensors materialise one by one below instead of all at once
-    try:
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(native), tag=tag, **kwargs)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError, AssertionError) as e:
-        raise CheckpointError(f"{ckpt}: DeepSpeed's zero_to_fp32 could not consolidate {native} "
-                              f"({type(e).__name__}: {e})") from None
-    # lazy entries become real CPU tensors on .contiguous(); real tensors are returned as they are
-    return {k: v.contiguous() for k, v in sd.items()}
+        config = yaml.safe_load(path.read_text())
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path}: not a plain YAML config ({str(e).splitlines()[0][:160]})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a mapping of config sections, found {type(config).__name__}")
+    return config
+
+
+def no_portable_message(ckpt: Path, backend: str) -> str:
+    """The refusal for a checkpoint without ``portable/``: why, and the one command that fixes it."""
+    return (
+        f"{ckpt}: no portable/ copy of the weights (saved by an older stunet-scale, which wrote none for FSDP2 "
+        f"or with checkpoint.portable_copy=false). Its native/ files ({backend}) are pickles, which can run code "
+        f"when read, so export, load_pretrained and predict never open them. If this checkpoint comes from "
+        f"your own run, add the safe copy once, knowingly: "
+        f"python -m stunet_scale.checkpointing.trust_native --trust-native {ckpt} "
+        f"(or resume the run with stunet-scale train for one more save, which writes portable/)"
+    )

@@ -13,6 +13,12 @@ One checkpoint directory::
 Resume rules: the same backend at the same world size loads ``native/`` (bit-exact, DeepSpeed's
 own format included); anything else (another world size, stage or backend) loads ``portable/``
 (or DCP, which reshards), and the sample plan continues at the same global sample index.
+``checkpoint.portable_copy=false`` refuses the second kind (native resume only); ``portable/`` is
+written by every save regardless, because export, ``load_pretrained`` and ``predict`` read only it.
+
+Trust boundary: resume unpickles ``native/`` (DeepSpeed's ``*_states.pt``, DCP's ``.metadata``):
+it is the user's own run. RNG files are read with ``weights_only=True``; everything else is JSON,
+YAML (safe loader) or safetensors.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import save_config
+from ..parallel.launcher_watch import exit_if_launcher_gone
 from .commit import (
     CheckpointError,
     apply_retention,
@@ -74,9 +81,9 @@ class CheckpointManager:
         self.env.barrier()
         if backend.native_format != "none":
             backend.save_native(str(tmp / "native"))
-        norms = {}
-        if backend.native_format != "dcp" and (self.cfg.portable_copy or backend.native_format == "none"):
-            norms = write_portable(backend, tmp / "portable", self.env)
+        # Every backend, always: portable/ (safetensors) is all that export, load_pretrained and
+        # predict read, because native/ files are pickles (README, trust boundary).
+        norms = write_portable(backend, tmp / "portable", self.env)
         save_rng(tmp, self.env.rank)
         if self.fault_hook:
             self.fault_hook("files_written")
@@ -84,6 +91,8 @@ class CheckpointManager:
             state.norms = norms
             (tmp / STATE_FILE).write_text(state.to_json())
             save_config(config, tmp / CONFIG_FILE)
+        # a rank that outlived its launcher must not publish a step into a run dir a new job may own
+        exit_if_launcher_gone(f"before committing {tmp.name}")
         final = commit(tmp, self.env, step, extra={"backend": backend.name, "world_size": self.env.world_size},
                        hook=self.fault_hook)
         if self.env.is_main:
@@ -146,12 +155,17 @@ class CheckpointManager:
             return ResumePlan(path, state, mode, "same backend and world size")
         why = (f"saved by {state.backend} (zero_stage={state.zero_stage}) on {state.world_size} rank(s), "
                f"resuming with {backend_name} (zero_stage={zero_stage}) on {self.env.world_size}")
+        if not self.cfg.portable_copy:
+            raise CheckpointError(
+                f"{path}: {why}, and checkpoint.portable_copy=false allows only a native (bit-exact) resume. "
+                f"Resume with the same backend and {state.world_size} rank(s), or set checkpoint.portable_copy=true"
+            )
         if has_portable:
             return ResumePlan(path, state, "portable", why)
         if state.backend == "fsdp2":
             return ResumePlan(path, state, "dcp", why)
         raise CheckpointError(
-            f"{path}: {why}, but it has no portable/ copy (checkpoint.portable_copy was false). "
+            f"{path}: {why}, but it has no portable/ copy (saved before every save wrote one). "
             f"Resume with the same backend and {state.world_size} rank(s)"
         )
 

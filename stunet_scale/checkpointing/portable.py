@@ -12,13 +12,17 @@ about 1/W of the model (2 x fp32 x params / W bytes of host memory at most, in p
 Readers open files lazily (safetensors memory-maps), so loading one tensor costs that tensor.
 safetensors holds no pickle: nothing in a checkpoint can execute code when read.
 
-FSDP2 checkpoints are DCP directories, which reshard by themselves; ``DCPReader`` gives them
-the same reading interface for export and for resuming on another backend.
+Every save writes this copy, whatever the backend (FSDP2 and DeepSpeed too): it is the only part
+of a checkpoint that export, ``load_pretrained`` and ``predict`` read. FSDP2's DCP directory
+(``native/``) reshards by itself and ``DCPReader`` gives it the same reading interface, but its
+``.metadata`` is a pickle: ``DCPReader`` serves resume of one's own run and the explicit
+``trust_native`` conversion only.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,6 +32,17 @@ FORMAT = "stunet-portable-v1"
 INDEX = "index.json"
 PART_BYTES = 2 << 30
 PARAM, MOMENTUM = "param::", "momentum::"
+
+
+def make_team_readable(path: Path) -> None:
+    """Give a file the mode a plain ``open()`` would: 0666 minus the umask (0644 under the usual 022).
+
+    safetensors' ``save_file`` creates files 0600, which makes a checkpoint or an export on a shared
+    filesystem unreadable to the rest of the team; a restrictive umask (077) still wins.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def assign_owners(sizes: Iterable[tuple[str, int]], world_size: int) -> dict[str, int]:
@@ -97,6 +112,7 @@ def write_portable(backend, directory: Path, env) -> dict:
         if part:
             fname = f"rank_{env.rank:05d}_part_{part_no:03d}.safetensors"
             save_file(part, str(directory / fname), metadata={"format": FORMAT})
+            make_team_readable(directory / fname)
             for key in part:
                 kind, name = ("params", key[len(PARAM):]) if key.startswith(PARAM) else ("momentum", key[len(MOMENTUM):])
                 files[kind][name] = fname
@@ -144,10 +160,17 @@ class PortableReader:
         self._handles: dict[str, object] = {}
 
     def _file(self, fname: str):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
+
+        from .commit import CheckpointError
 
         if fname not in self._handles:
-            self._handles[fname] = safe_open(str(self.directory / fname), framework="pt", device="cpu")
+            path = self.directory / fname
+            try:
+                self._handles[fname] = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({str(e)[:200]}); the checkpoint "
+                                      f"is damaged - use an earlier one") from None
         return self._handles[fname]
 
     def names(self) -> list[str]:

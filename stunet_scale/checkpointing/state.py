@@ -27,7 +27,8 @@ class TrainerState:
     skipped_nonfinite: int = 0  # steps skipped because some rank saw a non-finite loss/grad
     consecutive_skips: int = 0
     rollbacks: list = field(default_factory=list)  # [{"from_step", "to_step", "time"}]
-    seed: int = 0
+    seed: int = 0  # cfg.seed of the run; a resume with another seed stops (check_same_plan)
+    plan_fingerprint: str | None = None  # SamplePlan.fingerprint of the stream; None = saved before it was stored
     stream: dict = field(default_factory=dict)  # the data stream's state_dict() ({"seed", "step"})
     world_size: int = 1
     backend: str = "none"
@@ -47,9 +48,42 @@ class TrainerState:
 
     @classmethod
     def from_file(cls, path: Path) -> "TrainerState":
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        except (UnicodeDecodeError, ValueError) as e:
+            from .commit import CheckpointError
+
+            raise CheckpointError(f"{path}: not a trainer state (plain JSON expected: {str(e)[:120]})") from None
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def check_same_plan(saved: TrainerState, where: Path, *, seed: int, fingerprint: str | None,
+                    allow_change: bool) -> list[str]:
+    """Compare a checkpoint's seed and sample-plan fingerprint with the resuming run's.
+
+    A different value means the resumed run would not continue the interrupted sample sequence
+    (another seed, store, sampling setting or global batch): that is a ConfigError (exit 2) naming
+    both values, unless ``checkpoint.allow_plan_change`` is set, when the differences come back as
+    warnings to log. ``fingerprint=None`` skips the plan (not known yet, or a stream without one); a
+    checkpoint saved before the fingerprint was stored has None too and is not compared.
+    """
+    from ..config import ConfigError
+
+    changes = []
+    if saved.seed != seed:
+        changes.append(f"seed {saved.seed} in the checkpoint, {seed} now")
+    if fingerprint is not None and saved.plan_fingerprint is not None and saved.plan_fingerprint != fingerprint:
+        changes.append(f"sample-plan fingerprint {saved.plan_fingerprint} in the checkpoint, {fingerprint} now "
+                       f"(the store, a sampling/augmentation setting or schedule.global_batch changed)")
+    if changes and not allow_change:
+        raise ConfigError(
+            f"{where}: resuming would not continue the same sample sequence: {'; '.join(changes)}. Restore the "
+            f"original settings, start a new run_dir, or set checkpoint.allow_plan_change=true to continue anyway"
+        )
+    return [f"{where}: checkpoint.allow_plan_change=true: continuing with {c}" for c in changes]
 
 
 def capture_rng() -> dict:

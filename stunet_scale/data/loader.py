@@ -35,7 +35,11 @@ resume from ``{"seed", "step"}`` exactly, mid-epoch included, as long as world s
 
 from __future__ import annotations
 
+import atexit
+import functools
 import itertools
+import multiprocessing
+import os
 import signal
 from pathlib import Path
 from typing import Iterator
@@ -44,11 +48,18 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, TrainConfig, world_batch_arithmetic
+from ..train.faults import Faults
 from .augment import augment_batch, deep_supervision_strides, initial_patch_size, normalize_into
 from .plan import SamplePlan
-from .readers import CaseHandle, ZarrPatchReader, image_format, normalization, plan_cases
+from .readers import (
+    CaseHandle,
+    ZarrPatchReader,
+    image_format,
+    normalization,
+    plan_cases,
+)
 from .shared_slabs import SlabPool
-from .store import PreparedStore, open_store
+from .store import PreparedStore, open_store, verify_wds_shards
 
 STORE_CHANNELS = 1  # the prepared store holds single-channel CT
 
@@ -141,6 +152,14 @@ def open_checked_store(cfg: TrainConfig, need: str | None = None) -> PreparedSto
     if fmt == "wds" and not store.manifest.get("wds_shards"):
         raise ConfigError(f"data.format=wds but {root} has no WebDataset shards; use data.format=zarr "
                           f"or prepare with --format wds/both")
+    if fmt == "wds":
+        # Before training, not mid-run: a truncated shard would otherwise surface hours in, when a
+        # worker first reaches it (and a shard cut at a member boundary reads as a short, valid tar).
+        problems = verify_wds_shards(root, store.manifest, full=d.verify_shards == "sha256")
+        if problems:
+            raise ConfigError(f"data.root={d.root!r}: {len(problems)} WebDataset shard(s) fail the pre-flight check "
+                              f"against manifest.json: {'; '.join(problems[:5])}. Copy the shards again from where they "
+                              f"were prepared, or prepare the dataset again into a new directory")
     return store
 
 
@@ -201,12 +220,15 @@ class ZarrMicroBatches(torch.utils.data.Dataset):
         self.micro_batch, self.accumulation = micro_batch, accumulation
         self.augment_in_worker = augment_in_worker
         self.pool = None  # a SlabPool when raw batches go to the main process (TrainStream sets it)
+        self.faults = Faults.from_env(rank)  # reliability tests: a slow or hung data pipeline on one rank
 
     def indices(self, j: int) -> list[int]:
         step, micro = divmod(int(j), self.accumulation)
         return self.plan.micro_batch_indices(step, self.rank, self.world_size, micro, self.micro_batch)
 
     def __getitem__(self, j: int) -> dict:
+        if self.faults.active:
+            self.faults.in_data_pipeline(int(j) // self.accumulation)
         if not self.augment_in_worker:  # voxels born in (recycled) shared memory
             return self.reader.read_micro_batch(self.indices(j), shared=self.pool)
         raw = self.reader.read_micro_batch(self.indices(j), shared=False)  # never leaves this process
@@ -245,8 +267,17 @@ class _CountFrom(torch.utils.data.Sampler):
         return itertools.count(self.start)
 
 
-def worker_init(_worker_id: int) -> None:
-    """One core per worker; Slurm's preemption warnings are the main process's business."""
+def worker_init(_worker_id: int, stopping=None, parent_pid: int | None = None) -> None:
+    """One core per worker; signals sent to the whole process group are the main process's business.
+
+    Slurm (``scancel``, preemption, ``--signal=USR1@T`` without ``B:``), torchrun and ``kill -- -PGID``
+    signal every process of the job, DataLoader workers included. torch's worker handler dies on a
+    SIGTERM that does not come from its parent, so the main process's next batch raised "DataLoader
+    worker ... is killed by signal: Terminated" instead of saving a checkpoint (reliability.md §6 row
+    12). Here a worker ignores SIGUSR1/SIGUSR2 and ignores SIGTERM while its main process is alive and
+    has not begun stopping the workers (``stopping``, set by TrainStream.close() and at exit); then it
+    exits quietly, as torch's handler does for its parent's SIGTERM.
+    """
     torch.set_num_threads(1)
     try:
         from numcodecs import blosc
@@ -254,14 +285,30 @@ def worker_init(_worker_id: int) -> None:
         blosc.use_threads = False
     except Exception:  # pragma: no cover - numcodecs is a dependency
         pass
-    # `--signal=USR1@T` reaches every process of the step, DataLoader workers included: they must
-    # neither die mid-batch nor run the trainer's handler; the main process saves, then closes the
-    # stream. SIGTERM/SIGINT keep torch's worker handling (die / leave it to the main process).
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         try:
             signal.signal(sig, signal.SIG_IGN)
         except (ValueError, OSError):  # pragma: no cover
             pass
+    if stopping is None or parent_pid is None:
+        return
+
+    def on_sigterm(signum, frame):  # no I/O: the main process reports what happened
+        if stopping.value or os.getppid() != parent_pid:
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _worker_stop_flag():
+    """A lock-free shared byte the workers read in their SIGTERM handler; set when stopping them."""
+    flag = multiprocessing.RawValue("b", 0)
+    atexit.register(_set_flag, flag)  # runs before multiprocessing's own exit hook terminates workers
+    return flag
+
+
+def _set_flag(flag) -> None:
+    flag.value = 1
 
 
 def as_is(item):
@@ -271,11 +318,13 @@ def as_is(item):
     return item
 
 
-def make_loader(dataset, cfg: TrainConfig, sampler=None, device: torch.device | None = None):
+def make_loader(dataset, cfg: TrainConfig, sampler=None, device: torch.device | None = None, stopping=None):
+    """``stopping``: the flag of _worker_stop_flag() (workers then ignore a process-group SIGTERM)."""
     d = cfg.data
     kwargs = {}
     if d.num_workers > 0:
-        kwargs = {"prefetch_factor": d.prefetch_factor, "persistent_workers": True, "worker_init_fn": worker_init}
+        init = functools.partial(worker_init, stopping=stopping, parent_pid=os.getpid()) if stopping is not None else worker_init
+        kwargs = {"prefetch_factor": d.prefetch_factor, "persistent_workers": True, "worker_init_fn": init}
     pin = bool(d.pin_memory) and torch.cuda.is_available() and (device is None or device.type == "cuda")
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=d.num_workers,
                                        pin_memory=pin, collate_fn=as_is, **kwargs)
@@ -311,20 +360,22 @@ class TrainStream:
         self.plan = build_plan(cfg, self.store, self.geometry)
         self._iter = None
         self._closed = False
+        self._stopping = _worker_stop_flag() if cfg.data.num_workers > 0 else None
         if self.format == "zarr":
             reader = ZarrPatchReader(self.store, self.plan, normalization_mode=cfg.data.normalization,
                                      channels=STORE_CHANNELS)
             self.dataset = ZarrMicroBatches(reader, self.plan, self.geometry, rank=rank, world_size=world_size,
                                             micro_batch=self.micro_batch, accumulation=self.accumulation,
                                             augment_in_worker=not self.on_device)
-            self.loader = make_loader(self.dataset, cfg, _CountFrom(self.start_step * self.accumulation), self.device)
+            self.loader = make_loader(self.dataset, cfg, _CountFrom(self.start_step * self.accumulation), self.device,
+                                      self._stopping)
         else:
             from .webdataset_reader import WdsMicroBatches
 
             self.dataset = WdsMicroBatches(self.store, self.plan, self.geometry, cfg, rank=rank, world_size=world_size,
                                            micro_batch=self.micro_batch, accumulation=self.accumulation,
                                            start_step=self.start_step, augment_in_worker=not self.on_device)
-            self.loader = make_loader(self.dataset, cfg, None, self.device)
+            self.loader = make_loader(self.dataset, cfg, None, self.device, self._stopping)
         # Raw batches handed from workers to this process reuse a few shared-memory slabs per
         # worker; _to_device gives each back once augmented (see shared_slabs.py).
         self.pool = None
@@ -371,6 +422,8 @@ class TrainStream:
     def close(self) -> None:
         """Stop the worker processes (idempotent, never blocks on a dead worker for long)."""
         self._closed = True
+        if self._stopping is not None:
+            self._stopping.value = 1  # from here on a worker's SIGTERM is torch's shutdown: exit
         it, self._iter = self._iter, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()

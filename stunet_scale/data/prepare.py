@@ -16,7 +16,8 @@ Scale-out: cases are grouped into WebDataset shards (sorted by split then id, ``
 per shard); ``--shard-index I --num-shards N`` prepares the shards ``k`` with ``k % N == I`` (a Slurm
 array task each), and ``--finalize`` checks every case and shard is there, consolidates the Zarr
 metadata and writes ``manifest.json`` + ``quarantine.jsonl``. Within a node ``--workers`` uses
-processes (spawn), each with a few threads for gunzipping masks.
+processes (spawn), each with a few threads for gunzipping masks; ``--workers auto`` (the CLI's
+default) is ``default_workers()``: one per core, at most one per ``WORKER_MEMORY_BYTES`` of memory.
 """
 
 from __future__ import annotations
@@ -53,13 +54,50 @@ OVERLAP_RULE = ("masks are merged in label-value order; a higher label value ove
                 "masks without a class in the map go first, with the ignore label, so any class of the map overwrites them")
 
 
+# Peak RSS of one worker on the largest TotalSegmentator case, 512x512x1000 at 0.8 mm with 117 masks
+# (measured with `bench prepare --full-size --shape 512,512,1000`; README, Performance): the unit
+# of the default worker count.
+WORKER_MEMORY_BYTES = 4 * 2**30
+
+
+def available_memory_bytes() -> int:
+    """Memory this job may use: MemAvailable, capped by a cgroup v2 limit (Slurm, containers)."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            avail = min(avail, int(limit))
+    except OSError:
+        pass
+    return int(avail)
+
+
+def default_workers(cores: int | None = None, memory_bytes: int | None = None) -> int:
+    """``--workers auto``: one worker per core this process may run on, but no more than the memory
+    holds at ``WORKER_MEMORY_BYTES`` each (at least 1). E.g. 2 cores + 22 GB -> 2; 64 cores +
+    128 GB -> 32."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if memory_bytes is None:
+        memory_bytes = available_memory_bytes()
+    return max(1, min(int(cores), int(memory_bytes // WORKER_MEMORY_BYTES)))
+
+
 @dataclass
 class PrepareOptions:
     layout: str = "auto"  # totalseg | nnunet | auto
     classes: str = "auto"  # auto | totalseg-v1 | totalseg-v2 | stunet (| dataset for nnU-Net)
     spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
     format: str = "both"  # zarr | wds | both
-    workers: int = 1
+    workers: int | None = 1  # None: default_workers() (the CLI's default, --workers auto)
     threads: int | None = None  # gunzip threads per worker; default cores // workers
     image_interpolation: str = "cubic"  # cubic (order 3, nnU-Net) | linear
     label_interpolation: str = "linear"  # linear (nnU-Net per-label, default) | nearest
@@ -70,6 +108,9 @@ class PrepareOptions:
     finalize: bool = False
     max_quarantine_fraction: float = 0.05
     verify: bool = False  # re-read finished cases fully (checksums) instead of trusting file sizes
+    # A quarantined val/test case silently changes what every later Dice is measured on: exit 1
+    # (manifest still written, for inspection) unless the user says that is acceptable.
+    allow_quarantined_eval: bool = False
 
     def validate(self) -> None:
         if self.format not in ("zarr", "wds", "both"):
@@ -88,7 +129,7 @@ class PrepareOptions:
             raise DatasetError(f"--shard-index must be in [0, {self.num_shards}), got {self.shard_index}")
         if self.finalize and self.shard_index is not None:
             raise DatasetError("--finalize runs once after all slices; drop --shard-index/--num-shards")
-        if self.workers < 1 or self.cases_per_shard < 1:
+        if (self.workers is not None and self.workers < 1) or self.cases_per_shard < 1:
             raise DatasetError("--workers and --cases-per-shard must be >= 1")
         if not 0 <= self.max_quarantine_fraction <= 1:
             raise DatasetError("--max-quarantine-fraction must be in [0, 1]")
@@ -633,6 +674,9 @@ def prepare_dataset(source: str | Path, out: str | Path, options: PrepareOptions
         opts.spacing = (float(opts.spacing),) * 3
     opts.spacing = tuple(float(s) for s in (opts.spacing * 3 if len(opts.spacing) == 1 else opts.spacing))
     opts.validate()
+    if opts.workers is None:
+        opts.workers = default_workers()
+        log.info(f"--workers auto: {opts.workers} (cores, and {WORKER_MEMORY_BYTES / 2**30:.0f} GiB of memory per worker)")
     t0 = time.perf_counter()
     ds = open_source(source, opts.layout, opts.classes)
     if not ds.cases:
@@ -841,6 +885,16 @@ def finalize(ds: RawDataset, opts: PrepareOptions, params: dict, lay: Layout, pl
     if missing_everywhere:
         log.info(f"classes missing in every case (recorded per case as missing): {', '.join(missing_everywhere)}")
     exit_code = 0
+    eval_quarantined = [c for c in quarantined if records[c]["quarantine"]["split"] in ("val", "test")]
+    if eval_quarantined:
+        listed = ", ".join(f"{c} ({records[c]['quarantine']['split']}: {records[c]['quarantine']['reason']})" for c in eval_quarantined)
+        if opts.allow_quarantined_eval:
+            log.warning(f"{len(eval_quarantined)} val/test case(s) quarantined, allowed by --allow-quarantined-eval: {listed}")
+        else:
+            log.error(f"{len(eval_quarantined)} val/test case(s) quarantined: {listed}. Validation and test scores would be "
+                      f"measured on fewer cases than the split names; fix the inputs listed in {lay.quarantine}, or pass "
+                      "--allow-quarantined-eval to accept the smaller evaluation set")
+            exit_code = 1
     if frac > opts.max_quarantine_fraction:
         log.error(f"{len(quarantined)}/{len(ds.cases)} cases ({frac:.1%}) quarantined, above --max-quarantine-fraction "
                   f"{opts.max_quarantine_fraction:.1%}; fix the inputs listed in {lay.quarantine} or raise the limit")
@@ -848,7 +902,7 @@ def finalize(ds: RawDataset, opts: PrepareOptions, params: dict, lay: Layout, pl
     secs = time.perf_counter() - t0
     log.info(f"wrote {lay.manifest}: {len(cases)} case(s), {len(quarantined)} quarantined, {len(shards)} shard(s), {secs:.1f} s")
     return {**(summary or {}), "cases": len(ds.cases), "ok": len(cases), "quarantined": len(quarantined),
-            "manifest": str(lay.manifest), "exit_code": exit_code, "seconds": secs}
+            "quarantined_eval": eval_quarantined, "manifest": str(lay.manifest), "exit_code": exit_code, "seconds": secs}
 
 
 def _finalize_zarr(lay: Layout, ok: set[str]) -> None:

@@ -7,7 +7,8 @@
 Modules: ``spec`` (what besides tensors a checkpoint needs), ``checkpoint_io`` (safe reading of
 every format), ``pretrained`` (loading with head re-init / stem tiling), ``nnunet_folder`` +
 ``nnunet_network`` (nnU-Net v2 layouts), ``hf_bundle`` (safetensors + config + card),
-``exporter`` (the command). Imports are lazy so ``import stunet_scale`` stays light.
+``onnx_model`` (ONNX graph + onnxruntime runner, optional deps), ``exporter`` (the command).
+Imports are lazy so ``import stunet_scale`` stays light.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _LAZY = {
     "CheckpointError": ".checkpoint_io",
     "UnsafeCheckpointError": ".checkpoint_io",
     "ModelSpec": ".spec",
+    "export_onnx": ".onnx_model",
+    "load_onnx_network": ".onnx_model",
 }
 
 __all__ = sorted(_LAZY)

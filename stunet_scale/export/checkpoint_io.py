@@ -9,7 +9,8 @@
   a bare state dict; the architecture is read off the tensor shapes and the paper's preprocessing
   is assumed (``spec.released_spec``);
 * training runs and checkpoints of ``stunet-scale train`` (any backend / world size), via
-  ``stunet_scale.checkpointing.load_consolidated``.
+  ``stunet_scale.checkpointing.load_consolidated``, which reads their ``portable/`` safetensors copy
+  only (never the backends' pickled native files).
 
 Security: torch files are opened with ``weights_only=True`` plus an allow-list of numpy scalar and
 array reconstructors (nnU-Net v1 stores its metrics as numpy floats in ``plot_stuff``). Anything
@@ -353,8 +354,12 @@ def _read_training(path: Path, manifest: dict | None = None) -> Weights:
             f"{path}: looks like a training run or checkpoint, but this build cannot consolidate training "
             f"checkpoints (stunet_scale.checkpointing is missing)"
         ) from None
+    from ..checkpointing import NoPortableCopy
+
     try:
         ckpt = load_consolidated(path)
+    except NoPortableCopy as e:  # a training checkpoint indeed, but only its pickles hold the weights
+        raise CheckpointError(str(e)) from None
     except (TrainingCheckpointError, FileNotFoundError) as e:
         raise CheckpointError(
             f"{path}: not an export, a released STU-Net file, or a training run/checkpoint ({e})"

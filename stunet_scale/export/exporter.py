@@ -6,12 +6,15 @@
       nnunet/DatasetNNN_<name>/nnUNetTrainer__nnUNetPlans__3d_fullres/
         dataset.json, plans.json, fold_0/checkpoint_final.pth    drop-in nnUNet_results folder
       hf/model.safetensors, hf/config.json, hf/README.md          safetensors + spec + model card
+      onnx/model.onnx                     only with --formats onnx: the network for onnxruntime/TensorRT
+                                          (``stunet_scale.export.onnx_model``: opset, tolerance, I/O)
       README.md                           the model card again, at the root
       SHA256SUMS                          `sha256sum -c SHA256SUMS` checks the copy
 
 SOURCE may be a training run directory or checkpoint (consolidated from any backend and world
-size by ``stunet_scale.checkpointing.load_consolidated``), one of our exports, or a released
-STU-Net file. Everything is written into ``OUT.partial-*`` and renamed into place at the end, so
+size by ``stunet_scale.checkpointing.load_consolidated``, from its safetensors ``portable/`` copy:
+nothing in a run dir is unpickled), one of our exports, or a released STU-Net file (torch files
+with ``weights_only=True``). Every written file is team-readable (0666 minus the umask). Everything is written into ``OUT.partial-*`` and renamed into place at the end, so
 an interrupted export never looks complete. Before the rename every written format is read back
 and compared bit-for-bit with the source tensors.
 """
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpointing.portable import make_team_readable
 from ..models.stunet import RELEASE_NAMES, STUNet
 from ..tracking import git_revision
 from .axes import TRANSFER_AXIS_ORDER, to_axis_order
@@ -39,7 +43,9 @@ from .spec import generic_labels
 from .nnunet_folder import (CHECKPOINT_NAME as NNUNET_CHECKPOINT, DEFAULT_DATASET_ID, build_dataset_json, build_plans,
                             dataset_name, nnunet_checkpoint, write_nnunet_folder)
 
-FORMATS = ("stunet", "nnunet", "safetensors")
+FORMATS = ("stunet", "nnunet", "safetensors", "onnx")
+# ONNX needs the optional onnx + onnxruntime packages, so it is written only when asked for.
+DEFAULT_FORMATS = ("stunet", "nnunet", "safetensors")
 
 
 @dataclass
@@ -104,10 +110,16 @@ def export(
     log=print,
 ) -> ExportResult:
     t0 = time.time()
-    formats = list(formats or FORMATS)
+    formats = list(formats or DEFAULT_FORMATS)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; choose from {list(FORMATS)}")
+    if "onnx" in formats:
+        from .onnx_model import require
+
+        # Fail before reading any weights, with the pip install to run.
+        require("onnx")
+        require("onnxruntime")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another OUT or pass --overwrite")
@@ -181,6 +193,15 @@ def export(
             }
             torch.save(v1, partial / "stunet" / f"{name}.model")
             weight_files.append(partial / "stunet" / f"{name}.model")
+        if "onnx" in formats:
+            # Not a weights file (no bit-exact read-back): export_onnx checks onnxruntime against
+            # PyTorch numerically instead (random and real-geometry input, dynamic batch). Before
+            # the safetensors bundle, so hf/config.json records the check's numbers.
+            from .onnx_model import ONNX_RELPATH, export_onnx
+
+            onnx_report = export_onnx(sd, spec, partial / ONNX_RELPATH, verify=verify, log=log)
+            export_info["onnx"] = {k: v for k, v in onnx_report.items() if k != "checked"}
+            files.update(_hash(partial, *sorted((partial / ONNX_RELPATH.parent).iterdir())))
         if "safetensors" in formats:
             hf = partial / "hf"
             hf.mkdir()
@@ -202,6 +223,10 @@ def export(
             path.write_text(card)
         files.update(_hash(partial, *cards))
         (partial / "SHA256SUMS").write_text("".join(f"{d}  {n}\n" for n, d in sorted(files.items())))
+        # Team-readable (0644 under the usual umask): safetensors creates its files 0600.
+        for path in partial.rglob("*"):
+            if path.is_file():
+                make_team_readable(path)
         if out.exists():
             shutil.rmtree(out)
         partial.rename(out)

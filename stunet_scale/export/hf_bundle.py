@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+from ..checkpointing.portable import make_team_readable
 from .spec import ModelSpec
 
 
@@ -32,6 +33,7 @@ def write_safetensors(state_dict: dict, path: Path, spec: ModelSpec) -> None:
         seen.add(v.untyped_storage().data_ptr())
         tensors[k] = v
     save_file(tensors, str(path), metadata={"format": "pt", "stunet_scale_spec_format": "config.json"})
+    make_team_readable(path)  # save_file creates 0600: a shared export would be unreadable to the team
 
 
 def build_config_json(spec: ModelSpec, export_info: dict) -> dict:

@@ -18,6 +18,9 @@ What a transfer does (STU-Net's ``run_finetuning*.py``, stunet_recipe.md §3, ma
   decoder and heads keep their init - nnssl's "pretrained encoder" transfer.
 * Everything else must match exactly (names and shapes); a mismatch is an error that names the
   first keys and the file, because a silently half-loaded backbone is the worst outcome.
+
+Weights come from ``checkpoint_io.read_weights``, which never unpickles: safetensors, torch files
+with ``weights_only=True`` and an allow-list, and a training run's ``portable/`` copy only.
 """
 
 from __future__ import annotations

@@ -147,6 +147,9 @@ def init_distributed(timeout_s: int = 1800, run_dir: str | None = None, need_gro
     ``need_group``: DeepSpeed and FSDP2 need a process group even in one process; one is created
     on a free local port.
     """
+    from .launcher_watch import start_launcher_watch
+
+    start_launcher_watch()  # a rank whose torchrun/accelerate launcher dies exits without writing (see there)
     info = detect_launch_env()
     if info["world_size"] == 1 and need_group and not dist.is_initialized():
         info = {**info, "master_addr": "127.0.0.1", "master_port": free_port()}
@@ -221,6 +224,111 @@ def exit_rank_process(code: int) -> int:
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed or broken pipe: nothing more to say there
+            pass
+    os._exit(code)
+
+
+# A hung rank or pipeline (reliability.md §6 row 14): the step watchdog, or a collective that timed
+# out waiting for a hung peer, ends the rank with this code after dumping every thread's stack to
+# <run_dir>/hang/rank_NNNNN.txt. 124 is what timeout(1) returns for "ran out of time".
+EXIT_HANG = 124
+
+
+def hang_dump_path(run_dir, rank: int):
+    from pathlib import Path
+
+    return Path(run_dir) / "hang" / f"rank_{rank:05d}.txt"
+
+
+def dump_all_stacks(path, reason: str) -> None:
+    """Every thread's Python stack into ``path`` (faulthandler: works while the main thread is stuck)."""
+    import faulthandler
+    import time as _time
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(f"{_time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} on {hostname()}: {reason}\n\n")
+            f.flush()
+            faulthandler.dump_traceback(file=f, all_threads=True)
+    except OSError as e:  # the run dir's filesystem may be the thing that hangs; stderr still gets it
+        print(f"could not write the stack dump to {path}: {e}", file=sys.stderr)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    """gloo/NCCL's error for a collective that waited ``distributed.timeout_s`` for a peer."""
+    text = str(exc).lower()
+    # not "connection closed by peer": that is a peer that died (exit 1, the launcher restarts it)
+    return isinstance(exc, (RuntimeError, dist.DistBackendError)) and ("timed out" in text or "timeout" in text)
+
+
+class StepWatchdog:
+    """Ends the rank when no training step starts for ``timeout_s`` seconds (a hang, not a slow step).
+
+    A collective timeout only fires on a rank that waits *in* a collective; a rank stuck before
+    one (a data read that never returns, a deadlocked worker) would hang until the job's wall time.
+    The trainer calls ``kick()`` before every step and ``paused()`` around checkpoint saves and
+    validation, whose duration is not bounded by a step's. On expiry: every thread's stack to
+    ``hang_dump_path``, an ERROR line, ``os._exit(EXIT_HANG)`` (no cleanup: the main thread is stuck).
+    """
+
+    def __init__(self, collective_timeout_s: float, run_dir, rank: int, poll_s: float = 1.0):
+        import threading
+
+        # Later than the collective timeout: a rank waiting for a hung peer reports the collective's
+        # own error (and exits EXIT_HANG from the trainer); the watchdog is for the rank that hangs.
+        self.timeout_s = float(collective_timeout_s) + max(5.0, 0.1 * float(collective_timeout_s))
+        self.rank, self.poll_s = rank, poll_s
+        self.path = hang_dump_path(run_dir, rank)
+        self._last = None  # monotonic time of the last kick; None while paused
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="stunet-step-watchdog", daemon=True)
+        self._thread.start()
+
+    def kick(self) -> None:
+        import time as _time
+
+        self._last = _time.monotonic()
+
+    def pause(self) -> None:
+        self._last = None
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        import time as _time
+
+        while not self._stop.wait(self.poll_s):
+            last = self._last
+            if last is not None and _time.monotonic() - last > self.timeout_s:
+                reason = (f"rank {self.rank}: no training step started for {self.timeout_s:.0f} s "
+                          f"(distributed.timeout_s plus a margin); the rank or its data pipeline hangs")
+                dump_all_stacks(self.path, reason)
+                logging.getLogger("stunet_scale.train").error("%s; stacks of all threads in %s; exiting with %d",
+                                                              reason, self.path, EXIT_HANG)
+                exit_now(EXIT_HANG)
+
+
+def exit_now(code: int) -> None:
+    """Kill our DataLoader workers, flush logs and streams, then ``os._exit``: for a process whose
+    main thread cannot be reached. The workers ignore a SIGTERM while this process lives (see
+    data/loader.worker_init) and a hung one never polls for its parent, so SIGKILL them first."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        try:
+            child.kill()
+        except OSError:
+            pass
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
             pass
     os._exit(code)
 

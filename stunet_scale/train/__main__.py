@@ -70,7 +70,30 @@ def main(argv: list[str] | None = None, data=None) -> int:
     except ConfigError as e:
         logging.getLogger("stunet_scale.train").error("config error: %s", e)
         code = EXIT_CONFIG
+    record_exit_code(code)
     return exit_rank_process(code)  # multi-rank: ends the process here (see its docstring)
+
+
+def record_exit_code(code: int) -> None:
+    """Write a non-zero exit code to ``$STUNET_EXIT_CODE_FILE`` (the first rank to exit wins).
+
+    ``accelerate launch`` and ``torchrun`` exit 1 whenever a worker fails, so the documented codes
+    (2 config, 3 diverged, 4 no valid checkpoint, 74 disk full, 75 requeue) do not survive them. A
+    wrapper sets the variable, runs the launcher and, if it failed, exits with the file's code
+    (slurm/submit_pretrain.sh does; README "Exit codes" shows the two lines for a shell).
+    """
+    path = os.environ.get("STUNET_EXIT_CODE_FILE")
+    if not path or code == 0:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    except OSError as e:
+        logging.getLogger("stunet_scale.train").warning("cannot record exit code %d in %s: %s", code, path, e)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{code}\n")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ instead of mocking them. ``STUNET_FAULTS`` holds JSON, e.g.::
      "nan_from": {"rank": 0, "step": 9},            ... at every step >= 9 (until rollback limit)
      "signal": {"rank": 1, "step": 5, "name": "SIGUSR1"},   deliver a signal to itself at a step
      "hang": {"rank": 1, "step": 4},                sleep forever at a step (collective timeout test)
+     "crash": {"rank": 1, "step": 7},               os._exit(13) at a step, in the first launch only
+                                                    (torchrun's TORCHELASTIC_RESTART_COUNT == 0)
+     "step_sleep": {"rank": 1, "seconds": 0.5},     a slow rank: sleep before every step (straggler test)
+     "data_sleep": {"rank": 1, "seconds": 0.5},     ... or in its data pipeline, per micro-batch
+     "data_hang": {"rank": 1, "step": 3},           the data pipeline (a DataLoader worker when
+                                                    data.num_workers > 0) blocks forever at a step
      "slow_save_s": 5,                              sleep after writing checkpoint files
      "die_before_marker": true}                     os._exit(9) between manifest and COMMITTED
 
@@ -46,7 +52,23 @@ class Faults:
         e = self._mine("nan_from")
         return bool(e and step >= int(e["step"]))
 
+    def in_data_pipeline(self, step: int) -> None:
+        """Called where the rank's data is produced (a DataLoader worker when num_workers > 0)."""
+        e = self._mine("data_sleep")
+        if e:
+            time.sleep(float(e["seconds"]))
+        e = self._mine("data_hang")
+        if e and step >= int(e["step"]):
+            while True:  # a stuck read (NFS, a dead object store): no exception, no progress
+                time.sleep(3600)
+
     def before_step(self, step: int) -> None:
+        e = self._mine("crash")
+        if e and step == int(e["step"]) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            os._exit(13)  # a segfault or OOM kill in effect: no exception handler, no cleanup
+        e = self._mine("step_sleep")
+        if e:
+            time.sleep(float(e["seconds"]))
         e = self._mine("signal")
         if e and step == int(e["step"]):
             os.kill(os.getpid(), getattr(signal, e.get("name", "SIGUSR1")))

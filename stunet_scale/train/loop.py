@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -26,21 +27,24 @@ from pathlib import Path
 import torch
 
 from .. import config as config_mod
-from ..checkpointing.commit import CheckpointError, NoValidCheckpoint, resolve_newest_valid
+from ..checkpointing.commit import CheckpointError, NoValidCheckpoint, resolve_newest_valid, step_dirname
 from ..checkpointing.manager import CheckpointManager, ResumePlan
 from ..checkpointing.portable import state_norms
-from ..checkpointing.state import STATE_FILE, TrainerState, restore_rng, seed_everything
+from ..checkpointing.state import STATE_FILE, TrainerState, check_same_plan, restore_rng, seed_everything
 from ..config import TrainConfig, flatten, world_batch_arithmetic
 from ..models import build_stunet, train_step_flops
 from ..parallel.backend import build_backend
-from ..parallel.distributed import check_cudnn_conv3d, hostname, init_distributed, shutdown
-from ..tracking import (Console, MetricsLog, Tracker, git_revision, peak_rss_bytes, plot_class_dice, plot_preview,
-                        plot_progress)
+from ..parallel.distributed import (EXIT_HANG, StepWatchdog, check_cudnn_conv3d, dump_all_stacks, hang_dump_path,
+                                    hostname, init_distributed, is_collective_timeout, shutdown)
+from ..tracking import (Console, MetricsLog, Tracker, end_open_runs, git_revision, peak_rss_bytes, plot_class_dice,
+                        plot_preview, plot_progress)
 from . import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
 from .faults import Faults
+from .run_lease import hold_run_lease, release_held
+from .preflight import disk_full_message, is_disk_full, preflight
 from .loss import DiceCELoss
 from .schedule import Schedule, resume_step
-from .validate import Validator
+from .validate import SURFACE_KEYS, Validator
 
 log = logging.getLogger("stunet_scale.train")
 
@@ -49,6 +53,10 @@ PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
 class Diverged(RuntimeError):
     """Non-finite losses that a rollback did not cure; the run must stop (EXIT_DIVERGED)."""
+
+
+class DiskFull(RuntimeError):
+    """A checkpoint save ran out of disk; the message names the path and the bytes needed (EXIT_DISK_FULL)."""
 
 
 class Trainer:
@@ -60,6 +68,9 @@ class Trainer:
                                     need_group=cfg.distributed.backend in ("deepspeed", "fsdp2"))
         env = self.env
         self.run_dir = Path(env.broadcast_object(str(Path(cfg.run_dir).resolve())))
+        # One job per run dir, decided before anything below writes to it (run files, checkpoint
+        # clean-up, MLflow): a second job gets LeaseHeld (exit 2) on every rank. Released in run().
+        hold_run_lease(self.run_dir, cfg.lease, env)
         self.grad_accumulation = world_batch_arithmetic(cfg, env.world_size)["grad_accumulation"]
         self.faults = Faults.from_env(env.rank)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", env.is_main)
@@ -110,6 +121,12 @@ class Trainer:
             self.tracker.log_artifact(self.run_dir / "config.yaml", "config")
         self.validator = Validator(cfg, self.backend, env, self.data, self.run_dir, class_names(cfg))
         self._install_signal_handlers()
+        # armed only while a step (data included) runs: see StepWatchdog; paused for saves and validation
+        self.watchdog = StepWatchdog(cfg.distributed.timeout_s, self.run_dir, env.rank)
+        # straggler detection: [data wait, compute, steps] of this log window; hosts gathered once
+        self._straggler_window = [0.0, 0.0, 0]
+        self._slow_windows: dict[int, int] = {}
+        self._rank_hosts = env.all_gather_object(hostname()) if env.world_size > 1 else [hostname()]
         log.info("%s on %d rank(s) (%s), grad accumulation %d, %s, step %d/%d",
                  cfg.distributed.backend, env.world_size, env.launcher, self.grad_accumulation,
                  cfg.distributed.precision, self.state.step, self.schedule.stop_step)
@@ -136,28 +153,35 @@ class Trainer:
                 stream = self.data.build_train_stream(cfg, rank=env.rank, world_size=env.world_size,
                                                       start_step=self.state.step, device=self.backend.device)
                 try:
+                    self._check_plan(stream)
+                    self.watchdog.kick()
                     t_data = time.perf_counter()
                     for step, micro_batches in stream:
                         data_wait = time.perf_counter() - t_data
+                        self._t_ready = self._t_first_collective = time.perf_counter()
                         self.faults.before_step(step)
                         self.backend.set_lr(sched.lr(step))
                         m = self.train_step(step, micro_batches)
                         self.state.step, self.state.samples_seen = step + 1, sched.samples_seen(step + 1)
                         self.state.stream = stream.state_dict()
-                        m.update(step=step + 1, data_wait=data_wait, step_time=time.perf_counter() - t_data)
+                        m.update(step=step + 1, data_wait=data_wait, step_time=time.perf_counter() - t_data,
+                                 local_compute=self._t_first_collective - self._t_ready)
                         preempt = m.pop("preempt", None)  # agreed on in the step's metrics reduction
                         rollback = self._account(m)
                         self._log(m, console)
+                        self._check_stragglers(m)
                         if rollback:
                             break
                         validated = self._epoch_end(step + 1)
                         if validated:
+                            self.watchdog.pause()
                             self._validate(step + 1)
                         if preempt is None or validated:  # a skipped step had no reduction; a signal may come during validation
                             preempt = env.any(self._preempt_signal is not None)  # one rank's signal stops all
                         done = self.state.step >= stop
                         if preempt or done or self.state.step % cfg.checkpoint.every_steps == 0:
                             if self.state.step != last_saved:
+                                self.watchdog.pause()
                                 self._save()
                                 last_saved = self.state.step
                             # a signal that arrived during the save is honoured now: no extra step, no second save
@@ -168,8 +192,10 @@ class Trainer:
                             return self._preempted(console)
                         if done:
                             break
+                        self.watchdog.kick()
                         t_data = time.perf_counter()
                 finally:
+                    self.watchdog.pause()
                     stream.close()
                 if self.state.consecutive_skips >= cfg.checkpoint.rollback_after_skips:
                     self._rollback()
@@ -202,6 +228,8 @@ class Trainer:
                 # Decided before this micro-batch's backward: DeepSpeed and DDP reduce gradients
                 # inside backward, so a non-finite loss must stop every rank before any of them does.
                 local_bad = ~torch.isfinite(loss)
+                if i == 0:  # this rank's own work ends here; after it, time may be waiting for peers
+                    self._t_first_collective = time.perf_counter()
                 if self.env.any_tensor(local_bad):
                     self.backend.discard_grads()
                     if bool(local_bad):
@@ -270,6 +298,23 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
             self.metrics.write({"kind": "rollback", **record})
 
+    def _check_plan(self, stream) -> None:
+        """Stop (exit 2) when a resumed run's sample plan is not the checkpoint's; record it for the next save."""
+        current = getattr(stream, "fingerprint", None)  # test stand-in streams have no plan
+        if current is None:
+            return
+        if self.state.step > 0 and self.state.plan_fingerprint is None and self.env.is_main:
+            log.warning("the checkpoint resumed from predates stored sample-plan fingerprints: the plan cannot be "
+                        "compared (seed %d was); from the next save on it is (%s)", self.state.seed, current)
+        where = self.run_dir / "checkpoints"
+        # the seed was compared in _restore; only the plan is new here
+        for warning in check_same_plan(self.state, where, seed=self.state.seed, fingerprint=current,
+                                       allow_change=self.cfg.checkpoint.allow_plan_change):
+            if self.env.is_main:
+                log.warning("%s", warning)
+        self.state.plan_fingerprint = current
+        self.state.seed = self.cfg.seed
+
     def _zero_stage(self) -> int | None:
         return self.cfg.distributed.zero_stage if self.cfg.distributed.backend == "deepspeed" else None
 
@@ -296,6 +341,10 @@ class Trainer:
             finally:
                 reader.close()
         saved = plan.state
+        # The seed is known now; the plan fingerprint once the stream is built (_check_plan).
+        for warning in check_same_plan(saved, plan.path, seed=self.cfg.seed, fingerprint=None,
+                                       allow_change=self.cfg.checkpoint.allow_plan_change):
+            log.warning("%s", warning)
         same_topology = saved.world_size == env.world_size and saved.backend == self.cfg.distributed.backend
         if same_topology:
             self.backend.load_extra_state(saved.backend_extra)
@@ -323,7 +372,16 @@ class Trainer:
         self.state.elapsed_s += time.time() - self._t_start
         self._t_start = time.time()
         self.state.backend_extra = self.backend.extra_state()
-        path, norms = self.ckpt.save(self.state.step, self.backend, self.state, self.cfg)
+        try:
+            path, norms = self.ckpt.save(self.state.step, self.backend, self.state, self.cfg)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            # Remove the half-written step so the disk holds what it held before and the previous
+            # checkpoint stays the resume point; the message names the path and the bytes needed.
+            tmp = self.ckpt.root / (step_dirname(self.state.step) + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DiskFull(disk_full_message(tmp, self.cfg)) from e
         if self.env.is_main:
             self.metrics.write({"kind": "checkpoint", "step": self.state.step, "path": str(path), "norms": norms})
 
@@ -338,10 +396,13 @@ class Trainer:
             t0 = time.time()
             result = self.validator.full(step)
             record = {"kind": "val", "step": step, "epoch": epoch, "mean_dice": result["mean_dice"],
-                      "val_seconds": time.time() - t0, "per_class": result["per_class"]}
+                      "val_seconds": time.time() - t0, "per_class": result["per_class"],
+                      **{k: result[k] for k in SURFACE_KEYS if k in result}}
             if self.env.is_main:
                 self.metrics.write(record)
-                self.tracker.log_metrics({"val_mean_dice": result["mean_dice"]}, step)
+                # HD95 / NSD means when validation.surface_metrics is on (NaN ones are not sent)
+                self.tracker.log_metrics({"val_mean_dice": result["mean_dice"],
+                                          **{f"val_{k}": result[k] for k in ("mean_hd95", "mean_nsd") if k in result}}, step)
                 plots = self.run_dir / "plots"
                 dice_png = plot_class_dice(result["per_class"], plots / "val_dice.png",
                                            f"validation Dice per class, step {step} (mean {result['mean_dice']:.3f})")
@@ -404,6 +465,43 @@ class Trainer:
             self.tracker.log_metrics({k: v for k, v in rec.items() if isinstance(v, (int, float))
                                       and k not in ("step", "total_steps")}, step)
 
+    def _check_stragglers(self, m: dict) -> None:
+        """Per-rank data wait and compute summed over a log window, compared once per window.
+
+        Compute is the time from the batch being ready to the step's first collective (forward of
+        the first micro-batch): a rank's own work, before any wait for peers. One all-reduce of 2 x world_size floats per log window (each rank fills its own slots), not
+        per step. A rank slower than straggler_factor x the median rank in straggler_windows
+        consecutive windows is named with its host and whether its time goes to data or compute.
+        """
+        t = self.cfg.tracking
+        win = self._straggler_window
+        win[0] += m["data_wait"]
+        # not step_time - data_wait: that includes waiting in collectives for the slow rank, which
+        # makes every rank look as slow as the straggler; up to the first collective is this rank's own
+        win[1] += m["local_compute"]
+        win[2] += 1
+        if m["step"] % t.log_every_steps or self.env.world_size == 1:
+            return
+        world, rank = self.env.world_size, self.env.rank
+        mine = [0.0] * (2 * world)
+        mine[2 * rank], mine[2 * rank + 1] = win[0] / win[2], win[1] / win[2]
+        per_rank = self.env.all_reduce(mine, "sum")
+        self._straggler_window = [0.0, 0.0, 0]
+        totals = [per_rank[2 * r] + per_rank[2 * r + 1] for r in range(world)]
+        median = sorted(totals)[world // 2] if world % 2 else sum(sorted(totals)[world // 2 - 1: world // 2 + 1]) / 2
+        for r in range(world):
+            slow = totals[r] > t.straggler_factor * median
+            self._slow_windows[r] = self._slow_windows.get(r, 0) + 1 if slow else 0
+            if self._slow_windows[r] == t.straggler_windows and self.env.is_main:
+                host = self._rank_hosts[r]
+                data, compute = per_rank[2 * r], per_rank[2 * r + 1]
+                cause = "its data pipeline" if data > compute else "compute"
+                log.warning("straggler: rank %d on %s was slower than %.1fx the median rank in %d consecutive log windows: "
+                            "%.3f s/step data wait + %.3f s/step compute vs a median of %.3f s/step (mostly %s)",
+                            r, host, t.straggler_factor, t.straggler_windows, data, compute, median, cause)
+                self.metrics.write({"kind": "straggler", "step": m["step"], "rank": r, "host": host,
+                                    "data_wait_s": data, "compute_s": compute, "median_s": median})
+
     def _preempted(self, console: Console) -> int:
         name = signal.Signals(self._preempt_signal).name if self._preempt_signal else "a peer's signal"
         log.warning("preemption (%s): checkpoint at step %d is committed; exiting with %d so the job is requeued",
@@ -428,6 +526,8 @@ class Trainer:
         for sig, old in getattr(self, "_old_handlers", {}).items():
             signal.signal(sig, old)
         self.backend.close()
+        if hasattr(self, "watchdog"):
+            self.watchdog.close()
         shutdown(self.env)
 
     # ============================================================================================
@@ -466,7 +566,12 @@ class Trainer:
             from ..export import initialize_from_pretrained
         except ImportError as e:
             raise RuntimeError(f"checkpoint.init_from needs stunet_scale.export.initialize_from_pretrained ({e})") from e
-        report = initialize_from_pretrained(model, path)
+        from ..export.checkpoint_io import CheckpointError as WeightsError
+
+        try:
+            report = initialize_from_pretrained(model, path)
+        except (WeightsError, OSError, ValueError) as e:  # refused, unreadable or mismatched: the config names it
+            raise config_mod.ConfigError(f"checkpoint.init_from={path!r}: {e}") from None
         if self.env.is_main:
             log.info("initialised from %s: %s", path, report)
             (self.run_dir / "init_from_report.txt").write_text(str(report) + "\n")
@@ -540,17 +645,58 @@ def peak_rss_gib() -> float:
     return peak_rss_bytes() / 2**30
 
 
-def run(cfg: TrainConfig, data=None, argv: list[str] | None = None) -> int:
-    """Build, train, clean up; returns the process exit code (see stunet_scale.train)."""
-    from . import EXIT_NO_VALID_CHECKPOINT
+_KEEP_UNTIL_EXIT: list = []  # multi-rank trainers, never freed (see run()'s finally)
 
+
+def run(cfg: TrainConfig, data=None, argv: list[str] | None = None) -> int:
+    """Pre-flight, build, train, clean up; returns the process exit code (see stunet_scale.train).
+
+    Every way out after MLflow started ends its run as FINISHED, FAILED or KILLED with the reason
+    (tracking.end_open_runs), so no failure leaves a run RUNNING in the UI.
+    """
+    from . import EXIT_DISK_FULL, EXIT_NO_VALID_CHECKPOINT
+
+    preflight(cfg, real_data=data is None)  # ConfigError -> exit 2 before any group, backend or MLflow run
     trainer = None
     try:
         trainer = Trainer(cfg, data=data, argv=argv)
         return trainer.train()
     except (NoValidCheckpoint, CheckpointError) as e:
         log.error("%s", e)
+        end_open_runs("FAILED", f"no valid checkpoint: {e}")
         return EXIT_NO_VALID_CHECKPOINT
+    except DiskFull as e:
+        log.error("%s", e)
+        end_open_runs("FAILED", str(e))
+        return EXIT_DISK_FULL
+    except config_mod.ConfigError as e:
+        end_open_runs("FAILED", f"config error: {e}")
+        raise
+    except KeyboardInterrupt:
+        end_open_runs("KILLED", "interrupted (SIGINT)")
+        raise
+    except RuntimeError as e:
+        if trainer is None or not is_collective_timeout(e):
+            end_open_runs("FAILED", f"{e.__class__.__name__}: {e}")
+            raise
+        # a peer hung (or died) and this rank's collective gave up after distributed.timeout_s
+        path = hang_dump_path(trainer.run_dir, trainer.env.rank)
+        dump_all_stacks(path, f"rank {trainer.env.rank}: collective timed out: {e}")
+        log.error("rank %d: a collective timed out after distributed.timeout_s=%ss (a peer hangs or died): %s; stacks in %s; "
+                  "exiting with %d", trainer.env.rank, cfg.distributed.timeout_s, str(e).splitlines()[0], path, EXIT_HANG)
+        end_open_runs("FAILED", f"hang: collective timeout: {e}")
+        return EXIT_HANG
+    except BaseException as e:
+        end_open_runs("FAILED", f"{e.__class__.__name__}: {e}")
+        raise
     finally:
         if trainer is not None:
             trainer.close()
+            if trainer.env.world_size > 1:
+                # Freeing the trainer frees DDP's reducer, which holds the last reference to the gloo
+                # process group; its destructor joins gloo's thread while holding the GIL, and that
+                # thread may be waiting for the GIL to drop a tensor: a deadlock (seen on rank 1, stuck
+                # in ~ProcessGroupGloo <- ~Reducer as run() returned). exit_rank_process() ends a
+                # multi-rank process without freeing anything, so keep the trainer until then.
+                _KEEP_UNTIL_EXIT.append(trainer)
+        release_held()  # after close(): nothing of this job writes to the run dir any more

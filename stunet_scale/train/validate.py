@@ -13,10 +13,18 @@ the class is absent from both ground truth and prediction; averaged over cases, 
 Pseudo-Dice (nnU-Net): TP/FP/FN summed over a few training-like patches from validation cases
 (half centred on foreground), one number per class, cheap enough for every epoch.
 
-Both skip what the labels do not say (as the loss does): voxels with the ignore label (value
+Surface metrics (``validation.surface_metrics``, on by default): full validations also score HD95
+and NSD at ``validation.nsd_tolerance_mm`` per class per case on the stored grid (``data.spacing``
+mm, anisotropic allowed), with ``surface_metrics``' definitions and empty-mask conventions; means
+over cases, then over classes, HD95 over finite values only (a class missed on one side is inf and
+counted in ``hd95_infinite``, its Dice and NSD are 0). They run on the CPU argmax, each class
+cropped to its bounding box, and never on the per-epoch pseudo-Dice patches, so their cost is
+bounded by the full validations' cadence (``validation.every_epochs``).
+
+All skip what the labels do not say (as the loss does): voxels with the ignore label (value
 ``num_classes``, a source class the class map lacks) count for no class, whatever is predicted
 there, and a class unannotated in a case (``missing_classes`` of its manifest entry: no mask file)
-gets no Dice for that case (NaN, left out of the mean; no counts toward the pseudo-Dice).
+gets no Dice, HD95 or NSD for that case (NaN, left out of the mean; no counts toward the pseudo-Dice).
 """
 
 from __future__ import annotations
@@ -30,8 +38,12 @@ import numpy as np
 import torch
 
 from ..inference import count_forwards, sliding_window_inference
+from ..surface_metrics import label_map_metrics
 
 log = logging.getLogger("stunet_scale.train")
+
+#: keys ``Validator.full`` adds when ``validation.surface_metrics`` is on (the trainer records them)
+SURFACE_KEYS = ("mean_hd95", "mean_nsd", "per_class_hd95", "per_class_nsd", "hd95_infinite", "nsd_tolerance_mm")
 
 
 def confusion_counts(label: torch.Tensor, pred: torch.Tensor, num_classes: int,
@@ -151,6 +163,10 @@ class Validator:
         plan = self.my_forward_plan()
         dice_sum = torch.zeros(self.num_classes, dtype=torch.float64)
         dice_n = torch.zeros(self.num_classes, dtype=torch.float64)
+        # per class: [hd95 sum, hd95 n (finite), hd95 inf cases, nsd sum, nsd n]
+        surface = torch.zeros(self.num_classes, 5, dtype=torch.float64)
+        # duck-typed configs without the key (older test stand-ins) keep Dice only
+        with_surface = bool(getattr(v, "surface_metrics", False))
         preview = None
         self.backend.eval()
         try:
@@ -167,6 +183,8 @@ class Validator:
                 ok = ~torch.isnan(d)
                 dice_sum[ok] += d[ok]
                 dice_n[ok] += 1
+                if with_surface:
+                    surface += self._surface_sums(np.asarray(label), pred.numpy(), _unannotated(meta))
                 if preview is None:
                     preview = (case_id, np.asarray(image[0]), np.asarray(label), pred.numpy())
             if not mine:  # nothing to validate here, but the sharded model still needs our forwards
@@ -176,7 +194,8 @@ class Validator:
         finally:
             self.backend.after_eval()
             self.backend.train()
-        totals = self.env.all_reduce(dice_sum.tolist() + dice_n.tolist(), "sum")
+        # one all-reduce for everything (its length is the same on every rank, surface or not)
+        totals = self.env.all_reduce(dice_sum.tolist() + dice_n.tolist() + surface.flatten().tolist(), "sum")
         c = self.num_classes
         per_class = [totals[i] / totals[c + i] if totals[c + i] > 0 else math.nan for i in range(c)]
         fg = [x for x in per_class[1:] if not math.isnan(x)]
@@ -185,9 +204,35 @@ class Validator:
             "per_class": {self.class_names[i]: per_class[i] for i in range(1, c)},
             "cases": len(self.cases),
         }
+        if with_surface:
+            s = np.asarray(totals[2 * c:], dtype=np.float64).reshape(c, 5)
+            hd = {self.class_names[i]: s[i, 0] / s[i, 1] if s[i, 1] > 0 else math.nan for i in range(1, c)}
+            nsd = {self.class_names[i]: s[i, 3] / s[i, 4] if s[i, 4] > 0 else math.nan for i in range(1, c)}
+            result.update({
+                "mean_hd95": _mean_present(hd.values()), "mean_nsd": _mean_present(nsd.values()),
+                "per_class_hd95": hd, "per_class_nsd": nsd,
+                "hd95_infinite": {self.class_names[i]: int(s[i, 2]) for i in range(1, c) if s[i, 2]},
+                "nsd_tolerance_mm": float(v.nsd_tolerance_mm),
+            })
         if self.env.is_main and preview is not None:
             result["preview"] = preview
         return result
+
+    def _surface_sums(self, label: np.ndarray, pred: np.ndarray, unannotated: Sequence[int]) -> torch.Tensor:
+        """[C, 5] sums of one case: hd95 (finite) and its count, one-sided misses, nsd and its count."""
+        out = torch.zeros(self.num_classes, 5, dtype=torch.float64)
+        classes = list(range(1, self.num_classes))
+        got = label_map_metrics(pred, label, classes, [float(x) for x in self.cfg.data.spacing],
+                                self.cfg.validation.nsd_tolerance_mm, skip=unannotated,
+                                ignore_label=self.num_classes)
+        for k, m in got.items():
+            if math.isfinite(m["hd95"]):
+                out[k, 0], out[k, 1] = m["hd95"], 1
+            elif math.isinf(m["hd95"]):
+                out[k, 2] = 1
+            if not math.isnan(m["nsd"]):
+                out[k, 3], out[k, 4] = m["nsd"], 1
+        return out
 
     # ---- pseudo-Dice on patches -------------------------------------------------------------
 
@@ -213,6 +258,11 @@ class Validator:
         d = dice_from_counts(total)[1:]
         present = d[~torch.isnan(d)]
         return {"mean_dice": float(present.mean()) if len(present) else math.nan}
+
+
+def _mean_present(values) -> float:
+    present = [float(x) for x in values if not math.isnan(x)]
+    return float(np.mean(present)) if present else math.nan
 
 
 def _unannotated(meta) -> list[int]:
