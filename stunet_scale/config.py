@@ -183,7 +183,9 @@ class CheckpointConfig:
     init_from: str | None = knob(None, "initialise weights from an export or released STU-Net file (fine-tuning)")
     portable_copy: bool = knob(True, "resume on another backend/world size/ZeRO stage from portable/ (written by every save: the safetensors copy export reads); false = native bit-exact resume only")
     allow_plan_change: bool = knob(False, "resume even though the sample-plan fingerprint or seed differs from the checkpoint's (changed store, sampling settings, global_batch or seed); false stops with exit 2")
-    rollback_after_skips: int = knob(5, "after this many consecutive non-finite steps reload the last checkpoint; a second rollback to the same checkpoint stops the run")
+    rollback_after_skips: int = knob(5, "after this many consecutive skipped steps (non-finite or spike) reload the last checkpoint saved outside a skip streak and skip the bad sample range; a second rollback to the same checkpoint stops the run")
+    spike_factor: float = knob(5.0, "skip a step whose global loss exceeds this x the median of the last spike_window accepted steps' losses; 0 = off")
+    spike_window: int = knob(50, "accepted steps in the spike detector's median (and its warm-up: no spike check before the window is full)")
 
 
 @dataclass
@@ -464,6 +466,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("checkpoint.every_steps must be >= 1")
     if cfg.checkpoint.rollback_after_skips < 1:
         raise ConfigError("checkpoint.rollback_after_skips must be >= 1")
+    if cfg.checkpoint.spike_factor != 0 and not cfg.checkpoint.spike_factor > 1.0:
+        # a factor <= 1 would skip every step above the median, i.e. half of normal training
+        raise ConfigError(f"checkpoint.spike_factor={cfg.checkpoint.spike_factor} must be 0 (off) or > 1 (e.g. 5.0)")
+    if cfg.checkpoint.spike_window < 1:
+        raise ConfigError(f"checkpoint.spike_window={cfg.checkpoint.spike_window} must be >= 1 (e.g. 50)")
     if cfg.tracking.straggler_factor <= 1.0:
         raise ConfigError(f"tracking.straggler_factor={cfg.tracking.straggler_factor} must be > 1 (e.g. 1.5: 50% slower than the median rank)")
     if cfg.tracking.straggler_windows < 1:

@@ -182,9 +182,11 @@ def _assert_momentum_restored(resume: dict, ckpt: Path):
 
 def test_nonfinite_loss_skips_on_all_ranks_then_rollback_then_stop(chain):
     d = chain["base"] / "nan"
-    faults = {"nan": {"rank": 1, "steps": [2]}, "nan_from": {"rank": 0, "step": 5}}
-    rc, out, _ = launch(2, d, chain["data"], *chain["opts"], "checkpoint.rollback_after_skips=2", faults=faults,
-                        env_extra={"STUNET_LOG_PARAM_NORMS": "1"})
+    # step 3: NaN on rank 1; step 5: a loss spike on rank 1 only; from step 6: NaN on rank 0
+    faults = {"nan": {"rank": 1, "steps": [2]}, "spike": {"rank": 1, "steps": [4], "factor": 1000},
+              "nan_from": {"rank": 0, "step": 5}}
+    rc, out, _ = launch(2, d, chain["data"], *chain["opts"], "checkpoint.rollback_after_skips=2",
+                        "checkpoint.spike_window=2", faults=faults, env_extra={"STUNET_LOG_PARAM_NORMS": "1"})
     assert "exitcode  : 3" in out, out[-4000:]  # EXIT_DIVERGED from the workers
     train = records(d)
     by_step = {}
@@ -194,11 +196,17 @@ def test_nonfinite_loss_skips_on_all_ranks_then_rollback_then_stop(chain):
     assert skipped["skipped"] == "nonfinite_loss" and skipped.get("loss") is None
     # parameters and optimizer state untouched by the skipped step (rank 1's NaN stopped rank 0 too)
     assert skipped["param_sq"] == by_step[2][0]["param_sq"] and skipped["momentum_sq"] == by_step[2][0]["momentum_sq"]
+    # rank 1's spike (the global loss over both ranks) skipped the step on both ranks alike
+    spike = by_step[5][0]
+    assert spike["skipped"] == "loss_spike" and spike["spike_loss"] > spike["spike_limit"]
+    assert spike["param_sq"] == by_step[4][0]["param_sq"] and spike["momentum_sq"] == by_step[4][0]["momentum_sq"]
     rollback = records(d, "rollback")
-    assert [r["to_step"] for r in rollback] == [6]
+    # steps 5-6 skipped in a row -> back to step 4's weights, global samples [16, 24) (batch 4) skipped
+    assert [(r["to_step"], r["skipped_samples"]) for r in rollback] == [(4, [16, 24])]
     assert "second rollback to the same checkpoint" in out
-    # after the rollback the same steps replay identically
-    assert by_step[7][0].get("skipped") and len(by_step[7]) == 2
+    # after the rollback the run continues at step 7 (no replay); steps 7-8 skip again -> fatal
+    assert sorted(by_step) == list(range(1, 9)) and all(len(v) == 1 for v in by_step.values())
+    assert by_step[7][0].get("skipped") and by_step[8][0].get("skipped")
 
 
 def test_ddp_resumes_across_world_sizes(prepared_demo, tmp_path, monkeypatch):

@@ -25,8 +25,12 @@ class TrainerState:
     samples_seen: int = 0  # step * global_batch; what a resume at another batch size keeps
     optimizer_steps: int = 0  # steps whose update was applied
     skipped_nonfinite: int = 0  # steps skipped because some rank saw a non-finite loss/grad
-    consecutive_skips: int = 0
-    rollbacks: list = field(default_factory=list)  # [{"from_step", "to_step", "time"}]
+    skipped_spikes: int = 0  # finite-loss steps skipped as spikes (checkpoint.spike_factor), also in skipped_nonfinite's streaks
+    consecutive_skips: int = 0  # skips in a row (non-finite or spike); a checkpoint saved with > 0 is no rollback target
+    # Global losses of the last checkpoint.spike_window accepted steps, oldest first: the spike
+    # detector's reference. Saved with every checkpoint so a resumed run makes the same decisions.
+    loss_window: list = field(default_factory=list)
+    rollbacks: list = field(default_factory=list)  # [{"from_step", "to_step", "skipped_samples", "time"}]
     seed: int = 0  # cfg.seed of the run; a resume with another seed stops (check_same_plan)
     plan_fingerprint: str | None = None  # SamplePlan.fingerprint of the stream; None = saved before it was stored
     stream: dict = field(default_factory=dict)  # the data stream's state_dict() ({"seed", "step"})

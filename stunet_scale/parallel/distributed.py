@@ -178,13 +178,37 @@ def init_distributed(timeout_s: int = 1800, run_dir: str | None = None, need_gro
             os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", os.path.join(run_dir, "flight_recorder", "rank_"))
     if not dist.is_initialized():
         kwargs = {"device_id": device} if use_cuda else {}
-        dist.init_process_group(
-            backend=backend, init_method="env://", rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s), **kwargs,
-        )
+        store = restart_safe_store(rank, world, timeout_s)
+        if store is not None:
+            kwargs["store"] = store
+        else:
+            kwargs["init_method"] = "env://"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     global _RAN_MULTI_RANK_GROUP
     _RAN_MULTI_RANK_GROUP = _RAN_MULTI_RANK_GROUP or world > 1
     return DistEnv(rank, world, local_rank, device, info["launcher"], backend)
+
+
+def restart_safe_store(rank: int, world: int, timeout_s: int):
+    """The launcher's rendezvous store, namespaced by restart attempt; None outside torchelastic.
+
+    Why: torchrun (and accelerate, which runs it) keeps one TCPStore for all attempts of
+    ``--max-restarts`` and torch's ``env://`` handler adds no per-attempt prefix ("we create a new
+    TCPStore for every retry"; it does not). The restarted ranks then read the dead attempt's
+    addresses and gloo fails with "connectFullMesh failed ... Connect timeout / Connection refused"
+    (NCCL would read a stale unique id). Prefixing the keys with ``TORCHELASTIC_RESTART_COUNT``
+    gives every attempt its own namespace (tests/test_reliability_rows.py, row 13).
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    # the agent hosts the store when it says so; otherwise rank 0 does, as torch's env:// does
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=datetime.timedelta(seconds=timeout_s),
+                          multi_tenant=not agent_store)
+    return dist.PrefixStore(f"stunet/attempt_{attempt}", store)
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ Exit codes (Slurm scripts and wrappers branch on them; importing this module is 
     0   EXIT_OK                    finished (or nothing left to do: the run is complete)
     1   (uncaught exception)       a bug or an environment failure
     2   EXIT_CONFIG                bad configuration; the message names the key to change
-    3   EXIT_DIVERGED              non-finite losses persisted after a rollback (or nothing to roll back to)
+    3   EXIT_DIVERGED              skipped steps (non-finite or loss spikes) persisted after a rollback (or nothing to roll back to)
     4   EXIT_NO_VALID_CHECKPOINT   the run dir has checkpoints but none verifies (never restarts silently)
     74  EXIT_DISK_FULL             a checkpoint save ran out of disk; the message names the path and the bytes
                                    needed, the unfinished save is removed, the previous checkpoint stays valid

@@ -5,6 +5,7 @@ instead of mocking them. ``STUNET_FAULTS`` holds JSON, e.g.::
 
     {"nan": {"rank": 1, "steps": [3, 7, 8]},        non-finite loss on that rank at those steps
      "nan_from": {"rank": 0, "step": 9},            ... at every step >= 9 (until rollback limit)
+     "spike": {"rank": 0, "steps": [6], "factor": 50},  that rank's (finite) loss x factor at those steps
      "signal": {"rank": 1, "step": 5, "name": "SIGUSR1"},   deliver a signal to itself at a step
      "hang": {"rank": 1, "step": 4},                sleep forever at a step (collective timeout test)
      "crash": {"rank": 1, "step": 7},               os._exit(13) at a step, in the first launch only
@@ -51,6 +52,13 @@ class Faults:
             return True
         e = self._mine("nan_from")
         return bool(e and step >= int(e["step"]))
+
+    def loss_factor(self, step: int) -> float:
+        """What this rank's loss is multiplied by at ``step``: the "spike" fault's factor, else 1."""
+        e = self._mine("spike")
+        if e and step in e.get("steps", []):
+            return float(e.get("factor", 100.0))
+        return 1.0
 
     def in_data_pipeline(self, step: int) -> None:
         """Called where the rank's data is produced (a DataLoader worker when num_workers > 0)."""

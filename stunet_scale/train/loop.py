@@ -7,7 +7,9 @@ with the collective non-finite check), then the helpers it calls: ``_save``, ``_
 
 Step semantics: ``state.step`` counts optimizer steps *attempted*; it is the position in the
 sample plan (sample index = step * global_batch + position), so a skipped step still consumes its
-samples and a resume at any world size continues with the next global sample.
+samples and a resume at any world size continues with the next global sample. A rollback
+(``_rollback``) restores an earlier checkpoint's weights but keeps the step: the sample range
+between the two is skipped, not replayed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -27,7 +30,8 @@ from pathlib import Path
 import torch
 
 from .. import config as config_mod
-from ..checkpointing.commit import CheckpointError, NoValidCheckpoint, resolve_newest_valid, step_dirname
+from ..checkpointing.commit import (CheckpointError, NoValidCheckpoint, list_checkpoints, resolve_newest_valid,
+                                    step_dirname, verify)
 from ..checkpointing.manager import CheckpointManager, ResumePlan
 from ..checkpointing.portable import state_norms
 from ..checkpointing.state import STATE_FILE, TrainerState, check_same_plan, restore_rng, seed_everything
@@ -199,6 +203,9 @@ class Trainer:
                     stream.close()
                 if self.state.consecutive_skips >= cfg.checkpoint.rollback_after_skips:
                     self._rollback()
+                    if self.state.step >= stop:
+                        # the bad range ran to the end: save, or a rerun would resume at the target and train it again
+                        self._save()
                     last_saved = self.state.step
             self._final_validation()
             self._finish(console, "FINISHED")
@@ -214,9 +221,13 @@ class Trainer:
 
         A non-finite loss on any rank and any micro-batch skips the whole step on every rank
         before its backward: the partial gradient is discarded, parameters and optimizer state
-        are untouched. The check is one all-reduce of a flag per micro-batch.
+        are untouched. So does a loss spike: a micro-batch whose global loss (the mean over ranks)
+        exceeds checkpoint.spike_factor x the median of the last spike_window accepted steps'
+        losses. Both are decided by one all-reduce per micro-batch of [non-finite flag, loss], so
+        every rank sees the same sum and makes the same decision.
         """
         n = len(micro_batches)
+        spike_limit = self._spike_limit()  # None: detector off or still warming up
         sums = None  # loss, dice, ce summed over micro-batches, kept on the device: read once per step
         for i, mb in enumerate(micro_batches):
             with self.backend.accumulate(last=i == n - 1):
@@ -225,18 +236,29 @@ class Trainer:
                 loss, terms = self.loss_fn(outputs, mb["targets"], mb.get("annotated"))  # fp32, autocast off inside
                 if self.faults.nan_loss(step):
                     loss = loss * float("nan")
+                if (factor := self.faults.loss_factor(step)) != 1.0:
+                    loss = loss * factor
                 # Decided before this micro-batch's backward: DeepSpeed and DDP reduce gradients
-                # inside backward, so a non-finite loss must stop every rank before any of them does.
-                local_bad = ~torch.isfinite(loss)
+                # inside backward, so a bad loss must stop every rank before any of them does.
+                local_bad = ~torch.isfinite(loss.detach())
                 if i == 0:  # this rank's own work ends here; after it, time may be waiting for peers
                     self._t_first_collective = time.perf_counter()
-                if self.env.any_tensor(local_bad):
+                any_bad, global_loss = self._reduce_loss_check(loss, local_bad)
+                if any_bad:
                     self.backend.discard_grads()
                     if bool(local_bad):
                         idx = mb.get("sample_index")
                         log.warning("rank %d: non-finite loss at step %d, sample indices %s", self.env.rank, step + 1,
                                     None if idx is None else idx.tolist())
                     return {"skipped": "nonfinite_loss"}
+                if spike_limit is not None and global_loss > spike_limit:
+                    self.backend.discard_grads()
+                    idx = mb.get("sample_index")
+                    log.warning("rank %d: loss spike at step %d: global loss %.4g > %.4g (%.1f x the median of %d accepted "
+                                "steps), this rank's loss %.4g, sample indices %s", self.env.rank, step + 1, global_loss,
+                                spike_limit, self.cfg.checkpoint.spike_factor, len(self.state.loss_window),
+                                float(loss.detach()), None if idx is None else idx.tolist())
+                    return {"skipped": "loss_spike", "spike_loss": global_loss, "spike_limit": spike_limit}
                 self.backend.backward(loss)
             terms_now = torch.stack([loss.detach(), terms["dice"].detach(), terms["ce"].detach()]).double()
             sums = terms_now if sums is None else sums + terms_now
@@ -251,52 +273,125 @@ class Trainer:
             out["warning"] = reason
         return out
 
+    def _reduce_loss_check(self, loss: torch.Tensor, local_bad: torch.Tensor) -> tuple[bool, float]:
+        """(any rank non-finite, global loss = mean over ranks) from ONE all-reduce (sum) of [flag, loss].
+
+        The pre-backward collective the non-finite check always needed, widened by one element so
+        the spike check costs no extra collective. A non-finite loss enters the sum as 0 (the flag
+        already decides the step); values stay on the device until the one read of the result.
+        """
+        env = self.env
+        value = torch.where(local_bad, torch.zeros_like(loss.detach()), loss.detach())
+        t = torch.stack([local_bad.float(), value.float()]).reshape(2).to(env.collective_device, torch.float64)
+        if env.initialized:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        flags, total = t.tolist()
+        return flags > 0, total / env.world_size
+
+    def _spike_limit(self) -> float | None:
+        """The loss above which a step is a spike, or None (detector off, or fewer than spike_window accepted steps).
+
+        Relative to a running median, not the first losses: DiceCE (CE + 1 - soft Dice, >= 0)
+        starts near 1-2 and falls several-fold over a run, and a median ignores the odd hard batch.
+        """
+        c = self.cfg.checkpoint
+        window = self.state.loss_window
+        if c.spike_factor <= 0 or len(window) < c.spike_window:
+            return None
+        return c.spike_factor * statistics.median(window[-c.spike_window:])
+
     # ============================================================================================
     # bookkeeping around the step
     # ============================================================================================
 
     def _account(self, m: dict) -> bool:
-        """Update counters; True when K consecutive skipped steps call for a rollback."""
-        if m.get("skipped") in ("nonfinite_loss", "nonfinite_grad"):
-            self.state.skipped_nonfinite += 1
+        """Update counters and the spike window; True when K consecutive skipped steps call for a rollback."""
+        skipped = m.get("skipped")
+        if skipped in ("nonfinite_loss", "nonfinite_grad", "loss_spike"):
+            if skipped == "loss_spike":
+                self.state.skipped_spikes += 1
+            else:
+                self.state.skipped_nonfinite += 1
             self.state.consecutive_skips += 1
             if self.env.is_main:
-                log.warning("step %d skipped (%s) on all ranks; %d consecutive, %d in total",
-                            m["step"], m["skipped"], self.state.consecutive_skips, self.state.skipped_nonfinite)
+                log.warning("step %d skipped (%s) on all ranks; %d consecutive, %d non-finite and %d spike(s) in total",
+                            m["step"], skipped, self.state.consecutive_skips, self.state.skipped_nonfinite,
+                            self.state.skipped_spikes)
             return self.state.consecutive_skips >= self.cfg.checkpoint.rollback_after_skips
-        if m.get("skipped") is None:
+        if skipped is None:
             self.state.optimizer_steps += 1
+            # the global step loss (already reduced over ranks in train_step): identical on every rank
+            window = self.state.loss_window
+            window.append(float(m["loss"]))
+            del window[:-self.cfg.checkpoint.spike_window]
         self.state.consecutive_skips = 0
         return False
 
     def _rollback(self) -> None:
-        """Reload the newest valid checkpoint; the same target twice means the data or model diverges."""
+        """Reload the last good checkpoint and skip the bad sample range; a second rollback to it is fatal.
+
+        The target is the newest valid checkpoint saved outside a skip streak (its state's
+        consecutive_skips == 0): one saved between skipped steps already holds the trouble. After
+        its weights, optimizer and RNG are loaded, the run continues at ``bad_step`` (the step
+        after the last skipped one), not at the target's step: the global samples
+        [target_step * global_batch, bad_step * global_batch) are skipped, so the data that
+        diverged is not replayed. Consistency of the counters after that jump:
+
+        - ``state.step`` = ``bad_step``: the position in the sample plan; the next stream starts there.
+        - ``state.samples_seen`` = ``bad_step * global_batch``: samples *consumed* from the plan
+          (trained on or skipped), as a resume at another world size needs it.
+        - The LR schedule is a function of the step, so it continues at ``lr(bad_step)``;
+          ``stop_step`` is unchanged: the run ends where it would have, with fewer applied
+          updates (``optimizer_steps`` is the target's count and keeps counting applied steps).
+        - The spike window is the target's (the losses that went with those weights); the skip
+          counters and the rollback history are this run's, not the target's.
+
+        A second rollback to the same checkpoint means skipping data did not help (the model or
+        the learning rate diverges): ``Diverged`` (exit 3).
+        """
         bad_step = self.state.step
-        target = resolve_newest_valid(self.ckpt.root, self.env)
+        target = self._rollback_target()
         if target is None:
-            raise Diverged(f"{self.state.consecutive_skips} consecutive non-finite steps up to step {bad_step} and "
+            raise Diverged(f"{self.state.consecutive_skips} consecutive skipped steps up to step {bad_step} and "
                            "no checkpoint to roll back to; lower optim.lr or check the data")
         target_state = TrainerState.from_file(target / STATE_FILE)
         history = list(self.state.rollbacks)
         if any(r["to_step"] == target_state.step for r in history):
             raise Diverged(
-                f"non-finite losses again after rolling back to step {target_state.step} (now at step {bad_step}): "
+                f"skipped steps again after rolling back to step {target_state.step} (now at step {bad_step}): "
                 f"the second rollback to the same checkpoint; stopping. Rollbacks so far: {history}. "
                 "Lower optim.lr, check the samples logged above, or resume from an earlier checkpoint"
             )
-        record = {"from_step": bad_step, "to_step": target_state.step, "time": time.time()}
+        batch = self.cfg.schedule.global_batch
+        skipped_samples = [target_state.step * batch, bad_step * batch]
+        record = {"from_step": bad_step, "to_step": target_state.step, "resume_step": bad_step,
+                  "skipped_samples": skipped_samples, "time": time.time()}
         if self.env.is_main:
-            log.error("%d consecutive non-finite steps at step %d: rolling back to %s",
-                      self.state.consecutive_skips, bad_step, target)
+            log.error("%d consecutive skipped steps at step %d: rolling back to %s and skipping global samples "
+                      "[%d, %d) (steps %d-%d); training continues at step %d", self.state.consecutive_skips, bad_step,
+                      target, skipped_samples[0], skipped_samples[1], target_state.step + 1, bad_step, bad_step + 1)
         plan = self._plan(target)
-        keep = (self.state.skipped_nonfinite, self.state.mlflow_run_id)
+        keep = (self.state.skipped_nonfinite, self.state.skipped_spikes, self.state.mlflow_run_id)
         self._restore(plan)
-        self.state.skipped_nonfinite, self.state.mlflow_run_id = keep
+        self.state.skipped_nonfinite, self.state.skipped_spikes, self.state.mlflow_run_id = keep
+        self.state.step, self.state.samples_seen = bad_step, self.schedule.samples_seen(bad_step)
         self.state.rollbacks = history + [record]
         if self.env.is_main:
             with open(self.run_dir / "rollbacks.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.metrics.write({"kind": "rollback", **record})
+
+    def _rollback_target(self) -> Path | None:
+        """Newest valid checkpoint whose state was saved outside a skip streak; else the newest valid one.
+
+        Every rank walks the same list on the shared filesystem, so they agree (verify() may hash
+        collectively). The fallback keeps today's behaviour when retention pruned every good one.
+        """
+        for _, path in list_checkpoints(self.ckpt.root):
+            ok, _reason = verify(path, self.env)
+            if ok and TrainerState.from_file(path / STATE_FILE).consecutive_skips == 0:
+                return path
+        return resolve_newest_valid(self.ckpt.root, self.env)
 
     def _check_plan(self, stream) -> None:
         """Stop (exit 2) when a resumed run's sample plan is not the checkpoint's; record it for the next save."""
@@ -447,10 +542,12 @@ class Trainer:
             "lr": sched.lr(step - 1), "step_time": m["step_time"], "data_wait_frac": m["data_wait"] / dt,
             "patches_per_s": cfg.schedule.global_batch / dt,
             "tflops_per_gpu": self.flops_per_sample * cfg.schedule.global_batch / dt / env.world_size / 1e12,
-            "skipped_nonfinite": self.state.skipped_nonfinite, "host_rss_gib": peak_rss_gib(),
+            "skipped_nonfinite": self.state.skipped_nonfinite, "skipped_spikes": self.state.skipped_spikes,
+            "host_rss_gib": peak_rss_gib(),
             "total_steps": sched.stop_step, "eta_s": (sched.stop_step - step) * dt,
         }
-        for key in ("loss", "dice", "ce", "grad_norm", "skipped", "warning", "param_sq", "momentum_sq"):
+        for key in ("loss", "dice", "ce", "grad_norm", "skipped", "warning", "param_sq", "momentum_sq", "spike_loss",
+                    "spike_limit"):
             if key in m:
                 rec[key] = m[key]
         if "loss" in m:
