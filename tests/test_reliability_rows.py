@@ -250,6 +250,25 @@ def test_data_pipeline_hang_ends_both_ranks_with_stack_dumps_and_the_hang_code(p
     assert elapsed < 120, elapsed
 
 
+@pytest.mark.timeout(120)
+def test_a_hung_data_pipeline_on_the_mlflow_rank_ends_its_run_failed(prepared_demo, tmp_path):
+    """Row 14 on the rank that owns the MLflow run: its main thread is stuck, so the step watchdog
+    ends the run FAILED (reason "hang: ...") before it exits with EXIT_HANG; nothing is left RUNNING."""
+    from stunet_scale.parallel.distributed import EXIT_HANG
+
+    mlflow = pytest.importorskip("mlflow")
+    run_dir = tmp_path / "run"
+    proc = start_trainer(1, run_dir, prepared_demo, "distributed.backend=none", "distributed.timeout_s=5",
+                         "data.num_workers=2", "schedule.max_steps=40", "checkpoint.every_steps=100",
+                         "tracking.enabled=true", faults={"data_hang": {"rank": 0, "step": 3}})
+    out = finish(proc, 100)
+    assert proc.returncode == EXIT_HANG, out[-4000:]
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("stunet-debug").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"], out[-4000:]
+    assert runs[0].data.tags["end_reason"].startswith("hang: rank 0: no training step started")
+
+
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
 def test_sigstopped_rank_fails_its_peer_within_the_collective_timeout(prepared_demo, tmp_path):

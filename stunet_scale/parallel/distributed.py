@@ -299,8 +299,10 @@ class StepWatchdog:
     ``hang_dump_path``, an ERROR line, ``os._exit(EXIT_HANG)`` (no cleanup: the main thread is stuck).
     """
 
-    def __init__(self, collective_timeout_s: float, run_dir, rank: int, poll_s: float = 1.0):
+    def __init__(self, collective_timeout_s: float, run_dir, rank: int, poll_s: float = 1.0, on_hang=None):
         import threading
+
+        self.on_hang = on_hang  # called with the reason before exiting (the trainer ends its MLflow run FAILED)
 
         # Later than the collective timeout: a rank waiting for a hung peer reports the collective's
         # own error (and exits EXIT_HANG from the trainer); the watchdog is for the rank that hangs.
@@ -334,6 +336,11 @@ class StepWatchdog:
                 dump_all_stacks(self.path, reason)
                 logging.getLogger("stunet_scale.train").error("%s; stacks of all threads in %s; exiting with %d",
                                                               reason, self.path, EXIT_HANG)
+                if self.on_hang is not None:
+                    try:
+                        self.on_hang(reason)
+                    except Exception as e:  # noqa: BLE001 - the exit must happen whatever the callback does
+                        logging.getLogger("stunet_scale.train").warning("on_hang failed: %s", e)
                 exit_now(EXIT_HANG)
 
 

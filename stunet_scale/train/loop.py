@@ -126,7 +126,8 @@ class Trainer:
         self.validator = Validator(cfg, self.backend, env, self.data, self.run_dir, class_names(cfg))
         self._install_signal_handlers()
         # armed only while a step (data included) runs: see StepWatchdog; paused for saves and validation
-        self.watchdog = StepWatchdog(cfg.distributed.timeout_s, self.run_dir, env.rank)
+        self.watchdog = StepWatchdog(cfg.distributed.timeout_s, self.run_dir, env.rank,
+                                     on_hang=lambda reason: end_open_runs("FAILED", f"hang: {reason}"))
         # straggler detection: [data wait, compute, steps] of this log window; hosts gathered once
         self._straggler_window = [0.0, 0.0, 0]
         self._slow_windows: dict[int, int] = {}
