@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import psutil
 import pytest
 
 from stunet_scale.data.class_maps import load_class_map
@@ -238,8 +239,15 @@ def test_resume_after_kill_gives_the_same_manifest(prepared, raw, tmp_path):
     while time.time() < deadline and len(list((out / "parts" / "cases").glob("*.json"))) < 1:
         time.sleep(0.05)
     time.sleep(0.8)  # the next case is half done: zarr written, record not yet
+    workers = [c.pid for c in psutil.Process(proc.pid).children()]  # --workers auto: a spawn pool here
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # the pool's workers notice their dead parent and end without writing, before the rerun starts
+    deadline = time.time() + 10
+    while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                         for p in workers):
+        time.sleep(0.1)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in workers)
     assert not (out / "manifest.json").exists()
     n_records = len(list((out / "parts" / "cases").glob("*.json")))
     assert 1 <= n_records < 4

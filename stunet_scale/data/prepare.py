@@ -560,6 +560,9 @@ _WORKER: dict = {}
 
 
 def _init_worker(ds, opts, params, out, threads):
+    from ..parallel.launcher_watch import exit_with_parent
+
+    exit_with_parent("stunet-scale prepare")  # a killed prepare must not leave workers writing into `out`
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     try:

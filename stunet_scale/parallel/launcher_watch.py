@@ -138,3 +138,18 @@ def start_launcher_watch(environ=None) -> tuple[int, str] | None:
         exit_if_launcher_gone("found right after arming PR_SET_PDEATHSIG")
     threading.Thread(target=_watch_loop, name="launcher-watch", daemon=True).start()
     return target
+
+
+def exit_with_parent(name: str) -> None:
+    """End this process (without writing) when its parent dies: for pool workers, e.g. `prepare`'s.
+
+    A ProcessPoolExecutor worker holds its own ends of the pool's pipes, so a SIGKILLed parent
+    never gives it EOF: it would sleep forever, or finish the case it was on while a rerun of
+    `prepare` writes the same outputs. Same ppid watch as for ranks; ``name`` goes into the log line.
+    """
+    global _watched, _started
+    if _started:
+        return
+    _started = True
+    _watched = (os.getppid(), name)
+    threading.Thread(target=_watch_loop, name="parent-watch", daemon=True).start()
