@@ -4,8 +4,7 @@
 # registry, so the wheels travel with the working tree (carry [".whl"], 64 MiB at most in all)
 # and launch/gpu_check.sh installs them into /tmp/site.
 #
-# Target: the GPU image's python3 (CPython 3.12, x86-64 manylinux). Its package list
-# (/work/.library/device/KINDS.md) already has torch, numpy, scipy, pyyaml, safetensors, tqdm,
+# Target: the GPU image's python3 (CPython 3.12, x86-64 manylinux). Its package list already has torch, numpy, scipy, pyyaml, safetensors, tqdm,
 # matplotlib, accelerate, psutil, py-cpuinfo, ninja, msgpack, einops, nvidia-ml-py, packaging,
 # pytest and pytest-timeout. Missing there, and needed by a part:
 #   zarr (+ donfig, google-crc32c), numcodecs, crc32c  the store format (gpu tests on prepared stores)

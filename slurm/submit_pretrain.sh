@@ -8,7 +8,7 @@
 #
 # What happens:
 #   1. The config is resolved and checked for this allocation's world size (`python -m
-#      stunet_scale.train --dry-run`) before any rank starts. Every allocation appends its srun line and each node's
+#      stunet_scale train --dry-run`) before any rank starts. Every allocation appends its srun line and each node's
 #      exact launcher command to <run_dir>/slurm/allocations.log; the trainer writes the resolved
 #      config, the git revision and the launch command (launch_command.txt, launches.jsonl).
 #   2. One srun task per node runs `accelerate launch` (or torchrun): c10d rendezvous at the head
@@ -226,7 +226,7 @@ log "job $JOB_REF allocation $RESTART: $NNODES node(s) x $PROCS_PER_NODE rank(s)
 # One-process check of the W-rank configuration (batch arithmetic, shards vs ranks, ZeRO, memory).
 # ---------------------------------------------------------------------------------------------
 if [[ $DRY_RUN == 1 ]]; then
-    if ! "$PYTHON" -m stunet_scale.train --config "$CONFIG" --dry-run --world-size "$WORLD" "${OVERRIDES[@]}"; then
+    if ! "$PYTHON" -m stunet_scale train --config "$CONFIG" --dry-run --world-size "$WORLD" "${OVERRIDES[@]}"; then
         log "dry run failed: fix the config (see above); not launching"
         cancel_follow_up
         exit 2

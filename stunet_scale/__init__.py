@@ -1,6 +1,6 @@
 """stunet-scale: pretrain STU-Net foundation models for 3D medical image segmentation at cluster scale."""
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def __getattr__(name: str):
@@ -10,3 +10,6 @@ def __getattr__(name: str):
 
         return load_pretrained
     raise AttributeError(f"module 'stunet_scale' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "load_pretrained"]

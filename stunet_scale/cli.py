@@ -44,7 +44,8 @@ def _config(args: argparse.Namespace) -> int:
     from .config import load_config, to_yaml
 
     if args.rewrite:
-        # Re-emit a recipe with every key and its help comment, keeping the file's header block.
+        # Re-emit a recipe with its help comments, keeping the file's header block: every key, or for
+        # a file that extends a base (``base: FILE``) the keys it lists plus any that now differ.
         if not args.config:
             print("config --rewrite needs --config FILE", file=sys.stderr)
             return EXIT_USAGE
@@ -55,12 +56,27 @@ def _config(args: argparse.Namespace) -> int:
                 break
             header.append(line[1:].strip())
         cfg = load_config(path, args.overrides, resolve_presets=False)
-        path.write_text(to_yaml(cfg, comments=True, header="\n".join(header) or None))
+        base, only = _recipe_base_keys(path, cfg)
+        path.write_text(to_yaml(cfg, comments=True, header="\n".join(header) or None, base=base, only=only))
         print(f"rewrote {path}")
         return 0
     cfg = load_config(args.config, args.overrides)
     print(to_yaml(cfg, comments=not args.no_comments), end="")
     return 0
+
+
+def _recipe_base_keys(path, cfg) -> tuple[str | None, set[str] | None]:
+    """For a recipe with ``base: FILE``: that name and the dotted keys the rewrite keeps (the ones
+    the file lists and the ones that differ from the base); (None, None) for a self-contained one."""
+    from .config import BASE_KEY, TrainConfig, flatten, from_dict, read_config_file, read_yaml
+
+    raw = read_yaml(path)
+    base = raw.pop(BASE_KEY, None)
+    if base is None:
+        return None, None
+    base_values = flatten(from_dict(TrainConfig, read_config_file(path.parent / base)))
+    listed = set(flatten(raw))
+    return base, listed | {k for k, v in flatten(cfg).items() if base_values[k] != v}
 
 
 def _add_config(sub) -> None:
@@ -87,8 +103,8 @@ def _setup_logging() -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from .data.prepare import prepare_dataset
-    from .data.sources import DatasetError
+    from .data.ingest.prepare import prepare_dataset
+    from .data.ingest.sources import DatasetError
 
     _setup_logging()
     try:
@@ -148,7 +164,7 @@ def _add_prepare(sub) -> None:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from .data.demo import parse_shape_range, write_demo_dataset
+    from .data.ingest.demo import parse_shape_range, write_demo_dataset
 
     _setup_logging()
     try:
@@ -196,11 +212,15 @@ def _train(args: argparse.Namespace) -> int:
     from .train.__main__ import main as train_main
 
     argv = ["--config", args.config] if args.config else []
+    memory_check = None
     if args.dry_run:
+        from .planning import dry_run_memory_check  # the planner's memory/time lines in the dry-run report
+
         argv.append("--dry-run")
+        memory_check = dry_run_memory_check
     if args.world_size is not None:
         argv += ["--world-size", str(args.world_size)]
-    return train_main(argv + list(args.overrides))
+    return train_main(argv + list(args.overrides), memory_check=memory_check)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -242,7 +262,7 @@ def _bench_prepare(args: argparse.Namespace) -> int:
     _setup_logging()
     if args.full_size:
         try:
-            from .data.demo import parse_shape_range
+            from .data.ingest.demo import parse_shape_range
 
             shape = [lo for lo, _ in parse_shape_range(args.shape)]
         except ValueError as e:

@@ -4,6 +4,9 @@
 
 Rules (Lingua's mechanics, made strict):
 - YAML is read with ``yaml.safe_load``; nothing in a config is executed or interpolated.
+- A top-level ``base: FILE`` (relative to the file) makes a recipe extend another: merged deep,
+  the file's values win (``read_config_file``). ``configs/pretrain/base.yaml`` is the shared
+  pretraining recipe; ``totalseg_stunet_{s,b,l,h}.yaml`` hold only what differs per size.
 - A YAML file may leave keys out (the dataclass default applies) but may not invent keys: an
   unknown key fails and names the closest valid one.
 - Override values are parsed as YAML scalars/lists (``[1,2]``, ``null``, ``true``, ``1e-3``).
@@ -28,21 +31,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .models.stunet import ModelConfig
-
-# ModelConfig lives with the model (the model file must not import the config system); its
-# field help is kept here so the YAML comments cover it too.
-MODEL_HELP = {
-    "size": "preset S/B/L/H (widths 16/32/64/96 x [1,2,4,8,16,16], blocks 1/1/2/3); null = set base_width/blocks_per_stage",
-    "base_width": "channels of stage 0; null = from the preset",
-    "blocks_per_stage": "residual blocks per stage (int or 6 ints); null = from the preset",
-    "width_multipliers": "stage widths as multiples of base_width, one per stage (their count sets the stages; presets: six)",
-    "in_channels": "input image channels (1 for CT)",
-    "num_classes": "output channels incl. background (105 = STU-Net head on TotalSegmentator v1)",
-    "pool_strides": "stride of each down-sampling between stages (one fewer than stages; presets: five), per axis (anisotropic allowed, e.g. [2,2,1])",
-    "kernel_sizes": "conv kernel per stage, per axis (odd)",
-    "deep_supervision": "return one logit map per decoder stage for the deep-supervision loss",
-}
+from .atomic_files import atomic_write_text
+from .models.model_config import ModelConfig  # torch-free: the config never imports the model code
 
 
 class ConfigError(ValueError):
@@ -354,6 +344,48 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+BASE_KEY = "base"  # top-level key of a recipe naming the file it extends (a path relative to the recipe)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A recipe as one nested dict: the file, merged deep over the chain of files its ``base:`` names.
+
+    ``base: base.yaml`` (relative to the file naming it) makes a recipe a small file of what
+    differs: sections merge key by key, a value (list included) replaces the base's. The merged
+    dict is checked like any config, so an unknown key in either file still fails; a file reached
+    twice in one chain is refused (a cycle).
+    """
+    return _read_with_bases(Path(path), [])
+
+
+def _read_with_bases(path: Path, chain: list[Path]) -> dict:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in [*chain, resolved])
+        raise ConfigError(f"{path}: '{BASE_KEY}' chain returns to a file it started from ({cycle}); remove one '{BASE_KEY}:'")
+    data = read_yaml(path)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: '{BASE_KEY}' must name a YAML file (relative to {path.parent}), got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: '{BASE_KEY}: {base}' not found (looked for {base_path})")
+    return merge_deep(_read_with_bases(base_path, [*chain, resolved]), data)
+
+
+def merge_deep(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, anything else in ``over`` replaces."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_deep(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` strings to a nested dict (in place and returned)."""
     for item in overrides:
@@ -391,7 +423,7 @@ def load_config(
     leaves them to the preset; that form is what recipes are written in, so that overriding
     ``model.size`` on a recipe changes the whole architecture.
     """
-    data = read_yaml(path) if path is not None else {}
+    data = read_config_file(path) if path is not None else {}
     apply_overrides(data, list(overrides or []))
     cfg = from_dict(TrainConfig, data)
     resolved = resolve(cfg)
@@ -410,7 +442,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Relations between keys, checked before any process starts. Messages name the key to change."""
+    """Every check that needs only the config: values and relations between keys. Messages name the
+    key to change. The checks against the world size, the prepared store and the filesystem build on
+    this in ``stunet_scale/train/preflight.py::validate``, which the CLI, ``--dry-run`` and every rank call."""
     m, d, s, o, dist = cfg.model, cfg.data, cfg.schedule, cfg.optim, cfg.distributed
     div = m.patch_divisor
     if len(d.patch_size) != 3 or any(p < 1 for p in d.patch_size):
@@ -435,6 +469,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("loss.deep_supervision_weights must not all be zero")
     if not 0.0 <= d.oversample_foreground <= 1.0:
         raise ConfigError(f"data.oversample_foreground must be in [0, 1], got {d.oversample_foreground}")
+    _validate_data_knobs(d)
+    _validate_augmentation(cfg.augmentation)
     for name in ("epochs", "samples_per_epoch", "global_batch", "micro_batch"):
         if getattr(s, name) < 1:
             raise ConfigError(f"schedule.{name} must be >= 1, got {getattr(s, name)}")
@@ -493,23 +529,98 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"validation.nsd_tolerance_mm must be >= 0 (mm), got {cfg.validation.nsd_tolerance_mm}")
 
 
+def _validate_data_knobs(d: DataConfig) -> None:
+    """Loader knobs and case weighting of ``data.*`` (the store itself is checked by the trainer's pre-flight)."""
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+    if d.prefetch_factor < 1:
+        raise ConfigError(f"data.prefetch_factor must be >= 1, got {d.prefetch_factor}")
+    if d.wds_buffer_cases < 1 or d.wds_patches_per_case < 1:
+        raise ConfigError("data.wds_buffer_cases and data.wds_patches_per_case must be >= 1")
+    if d.case_weighting == "split" and d.split_weights and len(d.split_weights) != len(d.train_splits):
+        raise ConfigError(f"data.split_weights needs one weight per data.train_splits entry "
+                          f"({len(d.train_splits)}: {d.train_splits}), got {d.split_weights}")
+    if any(w < 0 for w in d.split_weights) or (d.split_weights and sum(d.split_weights) <= 0):
+        raise ConfigError(f"data.split_weights must be >= 0 and not all 0, got {d.split_weights}")
+
+
+def _check_range(key: str, value, lo=None, hi=None, positive=False) -> None:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and value[0] <= value[1]):
+        raise ConfigError(f"{key} must be [low, high] with low <= high, got {value}")
+    if positive and value[0] <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+    if lo is not None and value[0] < lo or hi is not None and value[1] > hi:
+        raise ConfigError(f"{key} must lie in [{lo}, {hi}], got {value}")
+
+
+def _validate_augmentation(a: AugmentationConfig) -> None:
+    """Ranges and probabilities of ``augmentation.*``; errors name the key."""
+    for name in ("rotation_p", "scaling_p", "noise_p", "blur_p", "brightness_p", "contrast_p", "lowres_p",
+                 "gamma_inverted_p", "gamma_p", "blur_per_channel_p", "lowres_per_channel_p"):
+        v = getattr(a, name)
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"augmentation.{name} must be a probability in [0, 1], got {v}")
+    if not 0 <= a.rotation_max_deg <= 180:
+        raise ConfigError(f"augmentation.rotation_max_deg must be in [0, 180], got {a.rotation_max_deg}")
+    _check_range("augmentation.scaling_range", a.scaling_range, positive=True)
+    _check_range("augmentation.noise_variance", a.noise_variance, lo=0)
+    _check_range("augmentation.blur_sigma", a.blur_sigma, positive=True)
+    _check_range("augmentation.brightness_range", a.brightness_range, positive=True)
+    _check_range("augmentation.contrast_range", a.contrast_range, positive=True)
+    _check_range("augmentation.lowres_zoom", a.lowres_zoom, hi=1.0, positive=True)
+    _check_range("augmentation.gamma_range", a.gamma_range, positive=True)
+    if any(ax not in (0, 1, 2) for ax in a.mirror_axes) or len(set(a.mirror_axes)) != len(a.mirror_axes):
+        raise ConfigError(f"augmentation.mirror_axes must be distinct axes among 0, 1, 2, got {a.mirror_axes}")
+
+
+def micro_batches_per_rank(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Micro-batches each rank runs per optimizer step (gradient accumulation), or a ConfigError naming the key."""
+    if global_batch % (micro_batch * world_size):
+        raise ConfigError(
+            f"schedule.global_batch={global_batch} is not divisible by schedule.micro_batch={micro_batch} x "
+            f"{world_size} ranks; change schedule.global_batch or schedule.micro_batch"
+        )
+    return global_batch // (micro_batch * world_size)
+
+
 def world_batch_arithmetic(cfg: TrainConfig, world_size: int) -> dict[str, int]:
     """Gradient accumulation and step counts for a given world size, or a ConfigError naming the key."""
     s = cfg.schedule
-    per_step_per_rank = s.global_batch / world_size
-    if s.global_batch % (s.micro_batch * world_size):
-        raise ConfigError(
-            f"schedule.global_batch={s.global_batch} is not divisible by schedule.micro_batch={s.micro_batch} x "
-            f"{world_size} ranks; change schedule.global_batch or schedule.micro_batch"
-        )
+    accumulation = micro_batches_per_rank(s.global_batch, s.micro_batch, world_size)
     total_samples = s.epochs * s.samples_per_epoch
     return {
         "world_size": world_size,
-        "grad_accumulation": int(per_step_per_rank // s.micro_batch),
+        "grad_accumulation": accumulation,
         "total_samples": total_samples,
         "total_steps": -(-total_samples // s.global_batch),
         "steps_per_epoch": -(-s.samples_per_epoch // s.global_batch),
     }
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """What the data code needs from a run's config: the ``data`` and ``augmentation`` sections and
+    the few model and batch facts a patch stream depends on. The data code takes this, never
+    ``TrainConfig``, so it does not depend on the trainer's sections."""
+
+    data: DataConfig
+    augmentation: AugmentationConfig
+    seed: int
+    in_channels: int
+    num_classes: int
+    pool_strides: tuple[tuple[int, ...], ...]  # resolved (presets filled in)
+    deep_supervision: bool
+    global_batch: int
+    micro_batch: int
+    samples_per_epoch: int  # the WebDataset reader's epoch of case order
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> StreamConfig:
+        model = cfg.model.resolved()
+        return cls(data=cfg.data, augmentation=cfg.augmentation, seed=cfg.seed, in_channels=model.in_channels,
+                   num_classes=model.num_classes, pool_strides=tuple(tuple(int(v) for v in s) for s in model.pool_strides),
+                   deep_supervision=model.deep_supervision, global_batch=cfg.schedule.global_batch,
+                   micro_batch=cfg.schedule.micro_batch, samples_per_epoch=cfg.schedule.samples_per_epoch)
 
 
 def flatten(cfg, prefix: str = "") -> dict[str, Any]:
@@ -524,30 +635,39 @@ def flatten(cfg, prefix: str = "") -> dict[str, Any]:
 
 
 def _help_for(cls: type, name: str) -> str:
-    if cls is ModelConfig:
-        return MODEL_HELP.get(name, "")
     for f in fields(cls):
         if f.name == name:
             return f.metadata.get("help", "")
     return ""
 
 
-def to_yaml(cfg, comments: bool = True, header: str | None = None) -> str:
-    """YAML text of a config; with ``comments`` each key gets its help as a trailing comment."""
+def to_yaml(cfg, comments: bool = True, header: str | None = None, base: str | None = None,
+            only: set[str] | None = None) -> str:
+    """YAML text of a config; with ``comments`` each key gets its help as a trailing comment.
+
+    ``base`` writes a ``base:`` line first (see ``read_config_file``); ``only`` keeps the dotted keys
+    listed there (and their sections): the form of a recipe that extends a base.
+    """
     lines = [f"# {line}" for line in header.splitlines()] if header else []
+    if base is not None:
+        note = "  # the recipe this file extends (relative path); the keys below replace its values" if comments else ""
+        lines.append(f"{BASE_KEY}: {base}{note}")
 
     def scalar(v) -> str:
         text = yaml.dump(v, Dumper=_NoAliasDumper, default_flow_style=True, width=10_000).strip()
         return text[:-4].strip() if text.endswith("\n...") or text.endswith("...") else text
 
-    def emit(obj, indent: int) -> None:
+    def emit(obj, indent: int, prefix: str = "") -> None:
         for f in fields(obj):
             value = getattr(obj, f.name)
             pad = "  " * indent
+            dotted = prefix + f.name
+            if only is not None and not any(k == dotted or k.startswith(dotted + ".") for k in only):
+                continue
             if is_dataclass(value):
                 note = f"  # {SECTION_HELP[f.name]}" if comments and f.name in SECTION_HELP else ""
                 lines.append(f"{pad}{f.name}:{note}")
-                emit(value, indent + 1)
+                emit(value, indent + 1, dotted + ".")
             else:
                 help_text = _help_for(type(obj), f.name)
                 note = f"  # {help_text}" if comments and help_text else ""
@@ -560,7 +680,5 @@ def to_yaml(cfg, comments: bool = True, header: str | None = None) -> str:
 def save_config(cfg: TrainConfig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(to_yaml(cfg, comments=True, header="resolved stunet-scale config (every default filled in)"))
-    tmp.replace(path)
-    return path
+    text = to_yaml(cfg, comments=True, header="resolved stunet-scale config (every default filled in)")
+    return atomic_write_text(path, text)

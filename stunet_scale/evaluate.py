@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.sources import AFFINE_TOL, NIFTI_SUFFIXES, CaseError, read_nifti, strip_nifti
+from .data.ingest.sources import AFFINE_TOL, NIFTI_SUFFIXES, CaseError, read_nifti, strip_nifti
 
 # dice is re-exported here: the Dice convention lives in surface_metrics
 from .surface_metrics import DEFAULT_NSD_TOLERANCE_MM, class_metrics, dice
@@ -221,7 +221,7 @@ def _read(path: Path, role: str):
 
 
 def _check_grid(pred, ref) -> None:
-    from .data.preprocess import affines_close
+    from .data.ingest.preprocess import affines_close
 
     fix = ("predict on the reference's own CT (`stunet-scale predict` writes its output in the input's geometry) "
            "or resample the prediction to the reference grid")
@@ -534,7 +534,9 @@ def format_table(ev: Evaluation, metric: str | None = None) -> str:
     heads = {"dice": "dice", "hd95": "hd95 mm", "nsd": "nsd"}
     cols = "".join(f"  {heads.get(m, m):>8}" for m in metrics)
     rule = "-" * (width + 11 + 10 * len(metrics))
-    fmt = lambda x: "-" if math.isnan(x) else f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
+    def fmt(x):
+        return "-" if math.isnan(x) else f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
+
     lines = [f"{'class':<{width}}  {'ref mL':>9}{cols}", rule]
     for n in order:
         lines.append(f"{n:<{width}}  {vols.get(n, 0.0) / 1000:>9.1f}" + "".join(f"  {fmt(per[m][n]):>8}" for m in metrics))

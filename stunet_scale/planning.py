@@ -3,14 +3,17 @@
     stunet-scale plan --size H --patch 128 --micro-batch 2 --gpus 64 --gpu-mem-gb 80
     stunet-scale train --config configs/pretrain/totalseg_stunet_h.yaml --dry-run --world-size 64 schedule.global_batch=128
 
+(``train --dry-run`` itself is ``stunet_scale/train/dry_run.py``; this module adds its memory and
+time lines through :func:`dry_run_memory_check`.)
+
 Where the numbers come from:
 
 - **Activations are measured, not modelled.** The real STU-Net module (with the real activation
   checkpointing wrapper) runs forward + the trainer's Dice/CE loss on meta tensors, which
   allocate nothing. A ``saved_tensors_hooks`` pair records every tensor autograd keeps for backward,
   deduplicated by storage (in-place LeakyReLU and views share one), plus the inputs each
-  checkpointed unit holds for its recompute. Without checkpointing this reproduces the facts in
-  ``distributed.md`` §0 (1.0 / 2.1 / 7.5 / 16.7 GiB per 128^3 patch, bf16, S/B/L/H). The peak
+  checkpointed unit holds for its recompute. Without checkpointing this gives 1.0 / 2.1 / 7.5 /
+  16.7 GiB per 128^3 patch, bf16, S/B/L/H (tests/test_plan.py; the README's memory-facts table). The peak
   comes from torch's ``MemTracker`` replaying forward + loss + backward on the same meta tensors
   (recompute included); it does not see workspaces allocated inside kernels (cuDNN), which the
   headroom covers.
@@ -18,12 +21,12 @@ Where the numbers come from:
   and optimizer state (SGD momentum 4 B, AdamW 8 B), bf16 only inside autocast (DeepSpeed's
   ``torch_autocast`` mode): 12 B/param with SGD, 17.5 GB for STU-Net-H unsharded. (DeepSpeed's
   ``bf16`` mode, which the trainer avoids because it casts InstanceNorm parameters, would keep
-  16 B/param: the 23 GB of ``distributed.md`` §0.)
+  16 B/param: the ~23 GB of the README's memory-facts table.)
 - **Step time = counted FLOPs / TFLOP/s.** FLOPs come from ``train_step_flops`` (counted on the
   meta device); checkpointing recomputes the forward (x4/3). The TFLOP/s is stated, not guessed:
   pass what ``stunet-scale bench train`` measured on your GPU with ``--tflops``; the default is the
-  only published 3D U-Net calibration on an A100 (NVIDIA's nnU-Net, bf16 AMP: ~27 TFLOP/s,
-  ``distributed.md`` §5.3). Gradient traffic and offload transfers use stated bandwidths.
+  only published 3D U-Net calibration on an A100 (NVIDIA's nnU-Net results in
+  DeepLearningExamples, bf16 AMP: ~27 TFLOP/s). Gradient traffic and offload transfers use stated bandwidths.
 
 The result is an estimate of ``torch.cuda.max_memory_allocated``; a setting "fits" when that
 plus a headroom (CUDA context, cuDNN workspaces, allocator fragmentation; 10% by default) is
@@ -34,13 +37,10 @@ within the card. Nothing here has been checked against a GPU yet (no GPU in this
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
 
 GIB = 2**30
 
@@ -49,7 +49,7 @@ PAPER_SAMPLES = 4000 * 500
 
 # Stated throughput assumptions (override on the command line). See the module docstring.
 A100_BF16_PEAK_TFLOPS = 312.0
-DEFAULT_TFLOPS = 27.0  # NVIDIA nnU-Net 3D, A100-80GB, AMP, batch 4: 9.5 patches/s x 2.88 TFLOP (distributed.md §5.3)
+DEFAULT_TFLOPS = 27.0  # NVIDIA nnU-Net 3D, A100-80GB, AMP, batch 4: 9.5 patches/s x 2.88 TFLOP (NVIDIA DeepLearningExamples)
 DEFAULT_TFLOPS_SOURCE = "stated: NVIDIA nnU-Net 3D on A100-80GB, bf16 AMP (~9% MFU); measure yours with `stunet-scale bench train`"
 INTRA_NODE_GBPS = 150.0  # NVLink all-reduce bus bandwidth per GPU, conservative for A100 NVLink3
 INTER_NODE_GBPS = 20.0  # one HDR InfiniBand HCA (200 Gb/s) per GPU, achievable bus bandwidth
@@ -208,7 +208,7 @@ def _simulated_peak(cfg, patch, micro_batch, checkpointing, precision, loss_weig
     try:
         import torch
         from torch.distributed._tools.mem_tracker import MemTracker
-    except Exception:  # noqa: BLE001 - older torch or no torch.distributed: fall back to the estimate
+    except Exception:
         return None
     model, x, _, checkpoint = _meta_model(cfg, patch, micro_batch, checkpointing, precision)
     checkpoint()
@@ -576,51 +576,8 @@ def run_plan_cli(args) -> int:
     return 0 if result["recommended"] is not None else 1
 
 
+# The planner's part of `train --dry-run` (the run's checks are stunet_scale/train/dry_run.py's)
 # --------------------------------------------------------------------------------------------
-# train --dry-run
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DryRunReport:
-    lines: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def ok(self, text: str) -> None:
-        self.lines.append(f"  ok    {text}")
-
-    def warn(self, text: str) -> None:
-        self.warnings.append(text)
-        self.lines.append(f"  WARN  {text}")
-
-    def error(self, text: str) -> None:
-        self.errors.append(text)
-        self.lines.append(f"  FAIL  {text}")
-
-
-def _count_wds_shards(root: Path) -> int:
-    return len(glob.glob(str(root / "wds" / "*.tar")))
-
-
-def _count_train_cases(root: Path, splits: list[str]) -> int | None:
-    """Cases in the manifest whose split is one of ``splits``; None if the manifest can't tell."""
-    manifest = root / "manifest.json"
-    if not manifest.is_file():
-        return None
-    try:
-        data = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return None
-    cases = data.get("cases")
-    if isinstance(cases, dict):
-        cases = list(cases.values())
-    if not isinstance(cases, list):
-        return None
-    with_split = [c for c in cases if isinstance(c, dict) and "split" in c]
-    if not with_split:
-        return len(cases)
-    return sum(1 for c in with_split if c["split"] in splits)
 
 
 def _setting_from_config(cfg) -> Setting:
@@ -641,104 +598,29 @@ def _detected_gpu_mem_gb() -> float | None:
 
         if torch.cuda.is_available():
             return torch.cuda.get_device_properties(0).total_memory / 1e9
-    except Exception:  # noqa: BLE001 - a broken CUDA install just means "unknown"
+    except Exception:
         return None
     return None
 
 
-def dry_run(cfg, world_size: int | None = None, gpu_mem_gb: float | None = None,
-            tflops: float | None = None, out: Callable[[str], None] = print) -> int:
-    """Validate a W-rank run in this one process; print a report; 0 = go, 2 = fix the config first.
+def dry_run_memory_check(cfg, world_size: int, grad_accumulation: int, gpu_mem_gb: float | None = None,
+                         tflops: float | None = None) -> list[tuple[str, str]]:
+    """The planner's prediction for exactly this configuration, as ``(level, text)`` lines for
+    ``train --dry-run`` (level ``ok``, ``warn`` or ``error``).
 
-    Checks what would otherwise fail (or silently misbehave) only after W ranks started: batch
-    arithmetic, backend vs world size, data shards vs ranks x workers, ZeRO/offload combinations,
-    checkpoint cadence, and whether the planner predicts the step fits the GPU: the one this
-    process sees, else ``gpu_mem_gb`` / ``$STUNET_GPU_MEM_GB``; with neither, an 80 GB card is
-    assumed and a misfit is only a warning.
+    Checked against the GPU this process sees, else ``gpu_mem_gb`` / ``$STUNET_GPU_MEM_GB``; with
+    neither, an 80 GB card is assumed and a misfit is only a warning.
     """
-    from .config import ConfigError, validate, world_batch_arithmetic
-
-    r = DryRunReport()
-    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    dist, s = cfg.distributed, cfg.schedule
-    out(f"dry run: {world} rank(s), backend {dist.backend}"
-        + (f" ZeRO-{dist.zero_stage}" if dist.backend == "deepspeed" else "")
-        + f", model {cfg.model.size or 'custom'}, run_dir {cfg.run_dir}")
-
-    try:
-        validate(cfg)
-        r.ok("config keys and relations")
-    except ConfigError as e:
-        r.error(str(e))
-
-    # Batch arithmetic: the sample budget is fixed, steps follow the global batch.
-    arithmetic = None
-    try:
-        arithmetic = world_batch_arithmetic(cfg, world)
-        r.ok(f"batch: global {s.global_batch} = micro {s.micro_batch} x {world} ranks x accumulation "
-             f"{arithmetic['grad_accumulation']}; {arithmetic['total_samples']:,} samples = "
-             f"{arithmetic['total_steps']:,} optimizer steps ({arithmetic['steps_per_epoch']} per epoch)")
-    except ConfigError as e:
-        r.error(str(e))
-
-    # Backend vs world size.
-    if world > 1 and dist.backend == "none":
-        r.error(f"distributed.backend=none runs one process but {world} ranks were requested; "
-                "set distributed.backend to ddp, deepspeed or fsdp2")
-    elif world == 1 and dist.backend == "deepspeed" and dist.zero_stage >= 1 and not (dist.offload_optimizer or dist.offload_params):
-        r.warn(f"ZeRO-{dist.zero_stage} on 1 rank shards nothing; distributed.backend=none or zero_stage=0 is simpler")
-    else:
-        r.ok(f"backend {dist.backend} on {world} rank(s)")
-    if dist.backend == "deepspeed" and dist.zero_stage == 3 and (cfg.model.size or "").upper() in ("S", "B"):
-        r.warn("ZeRO-3 on STU-Net-S/B: per-module gathers cost time and save little (distributed.md §0); DDP fits")
-
-    # Data: WebDataset shards must cover every rank's workers, or some read nothing / repeat.
-    root = Path(cfg.data.root)
-    workers = max(cfg.data.num_workers, 1)
-    if not root.exists():
-        r.warn(f"data.root={cfg.data.root} does not exist here (fine if it is only mounted on the cluster)")
-    else:
-        cases = _count_train_cases(root, cfg.data.train_splits)
-        if cases is not None:
-            if cases == 0:
-                r.error(f"no training cases in {root}/manifest.json for data.train_splits={cfg.data.train_splits}")
-            else:
-                r.ok(f"{cases} training cases in {root}")
-        if cfg.data.format == "wds":
-            shards = _count_wds_shards(root)
-            streams = world * workers
-            if shards == 0:
-                r.error(f"data.format=wds but {root}/wds has no shard-*.tar; run `stunet-scale prepare --format wds`")
-            elif shards < streams:
-                r.error(f"{shards} WebDataset shards for {world} ranks x {workers} workers = {streams} readers: "
-                        f"some readers would get no shard; lower data.num_workers, use data.format=zarr, "
-                        f"or prepare with more, smaller shards")
-            else:
-                r.ok(f"{shards} WebDataset shards for {streams} readers ({shards / streams:.1f} each)")
-
-    # Checkpoint cadence vs the run.
-    if arithmetic is not None:
-        # Where the trainer stops: the schedule's own rule (schedule.max_steps only if it is earlier
-        # than the recipe's end), not a copy of it.
-        from .train.schedule import Schedule
-
-        total = Schedule.from_config(cfg).stop_step
-        if cfg.checkpoint.every_steps > total:
-            r.warn(f"checkpoint.every_steps={cfg.checkpoint.every_steps} > {total} steps in the run: only the "
-                   f"final and preemption checkpoints will be written")
-        else:
-            r.ok(f"checkpoint every {cfg.checkpoint.every_steps} steps ({total // cfg.checkpoint.every_steps} in the run), "
-                 f"keep {cfg.checkpoint.keep_last}, resume={cfg.checkpoint.resume}")
-
-    # Memory: the planner's prediction for exactly this configuration.
+    lines: list[tuple[str, str]] = []
+    s, dist = cfg.schedule, cfg.distributed
     detected = _detected_gpu_mem_gb()
     stated = gpu_mem_gb or (float(os.environ["STUNET_GPU_MEM_GB"]) if os.environ.get("STUNET_GPU_MEM_GB") else None)
     mem_gb = stated or detected
     setting = _setting_from_config(cfg)
     try:
         w = Workload(
-            model=cfg.model, patch=tuple(cfg.data.patch_size), micro_batch=s.micro_batch, gpus=world,
-            gpu_mem_gb=mem_gb or 80.0, grad_accumulation=arithmetic["grad_accumulation"] if arithmetic else 1,
+            model=cfg.model, patch=tuple(cfg.data.patch_size), micro_batch=s.micro_batch, gpus=world_size,
+            gpu_mem_gb=mem_gb or 80.0, grad_accumulation=grad_accumulation,
             samples=s.epochs * s.samples_per_epoch, precision=dist.precision,
             tflops=tflops or DEFAULT_TFLOPS,
             tflops_source="stated" if tflops else DEFAULT_TFLOPS_SOURCE,
@@ -751,27 +633,23 @@ def dry_run(cfg, world_size: int | None = None, gpu_mem_gb: float | None = None,
         if mem_gb is None:
             text += " on an assumed 80 GB card (no GPU here; set STUNET_GPU_MEM_GB to check against yours)"
         if e["fits"]:
-            r.ok(text)
+            lines.append(("ok", text))
         else:
             better = plan(w)["recommended"]
             hint = f"; the planner suggests {better['label']}" if better else "; nothing fits at this micro-batch"
             msg = text + hint + " (distributed.zero_stage / distributed.activation_checkpointing / schedule.micro_batch)"
             # Only a known card makes this a failure; against an assumed one it is advice.
-            (r.warn if mem_gb is None else r.error)(msg)
-        r.ok(f"time at {w.tflops:.0f} TFLOP/s/GPU: {e['step_seconds']['step']:.3f} s/step, "
-             f"{_hours(e['wall_clock_hours'])} wall-clock, {e['gpu_hours']:,.0f} GPU-hours for "
-             f"{w.samples:,} samples")
+            lines.append(("warn" if mem_gb is None else "error", msg))
+        lines.append(("ok", f"time at {w.tflops:.0f} TFLOP/s/GPU: {e['step_seconds']['step']:.3f} s/step, "
+                            f"{_hours(e['wall_clock_hours'])} wall-clock, {e['gpu_hours']:,.0f} GPU-hours for "
+                            f"{w.samples:,} samples"))
         # A crash (unlike a preemption, which saves first) loses everything since the last save.
         between = cfg.checkpoint.every_steps * e["step_seconds"]["step"] / 3600
         if between > CHECKPOINT_WARN_HOURS:
             hourly = max(1, int(3600 / e["step_seconds"]["step"]))
-            r.warn(f"checkpoint.every_steps={cfg.checkpoint.every_steps} is {_hours(between)} of wall-clock at this "
-                   f"speed: a crash loses up to {between * world:,.0f} GPU-hours; ~{hourly} steps is one hour")
-    except Exception as exc:  # noqa: BLE001 - a planner failure must not hide the other checks
-        r.warn(f"memory/time estimate unavailable: {exc}")
-
-    for line in r.lines:
-        out(line)
-    verdict = "FAIL" if r.errors else "OK"
-    out(f"dry run {verdict}: {len(r.errors)} error(s), {len(r.warnings)} warning(s)")
-    return 2 if r.errors else 0
+            lines.append(("warn", f"checkpoint.every_steps={cfg.checkpoint.every_steps} is {_hours(between)} of "
+                                  f"wall-clock at this speed: a crash loses up to {between * world_size:,.0f} "
+                                  f"GPU-hours; ~{hourly} steps is one hour"))
+    except Exception as exc:
+        lines.append(("warn", f"memory/time estimate unavailable: {exc}"))
+    return lines

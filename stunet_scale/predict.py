@@ -10,7 +10,7 @@ for a released STU-Net file the paper's: 1.5 mm, per-image z-score, SimpleITK ax
    (z, y, x) as nnU-Net v1 read images;
 2. crop to nnU-Net's nonzero box (for a CT the whole image; ``body``, voxels > -500 HU, for
    models trained with ``data.normalization=zscore_stored``) and resample to the model spacing, with
-   the store's interpolation (``stunet_scale.data.preprocess``: the same code ``prepare`` runs);
+   the store's interpolation (``stunet_scale.data.ingest.preprocess``: the same code ``prepare`` runs);
 3. per-image z-score with nnU-Net's statistics of the original image over that box (or over the
    stored crop for ``zscore_stored``, or nnU-Net CT normalisation with the dataset statistics);
 4. sliding-window inference with Gaussian weighting (``stunet_scale.inference``), optional mirroring
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -42,7 +41,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.sources import NIFTI_SUFFIXES, strip_nifti
+from .atomic_files import atomic_path
+from .data.ingest.sources import NIFTI_SUFFIXES, strip_nifti
+from .export.model_input import preprocess
 
 log = logging.getLogger("stunet_scale.predict")
 
@@ -116,7 +117,7 @@ def read_case(files: Sequence[Path]):
     NaN/Inf, orthonormal affine, qform = sform, co-registered channels); a defect becomes a
     ``PredictError`` naming the file, so the other cases of a folder still run.
     """
-    from .data.sources import CaseError, check_same_grid, read_nifti
+    from .data.ingest.sources import CaseError, check_same_grid, read_nifti
 
     niftis = []
     for f in files:
@@ -137,58 +138,13 @@ def read_case(files: Sequence[Path]):
 # --------------------------------------------------------------------------------------------
 
 
-def preprocess(image: np.ndarray, affine: np.ndarray, spec) -> tuple[np.ndarray, object]:
-    """File-grid ``image [C, x, y, z]`` -> normalised network input ``[C, ...]`` and its ``Geometry``."""
-    from .data.preprocess import stored_case
-
-    zyx = spec.axis_order == "ras_zyx"
-    target = list(spec.spacing)[::-1] if zyx else list(spec.spacing)  # geometry works in RAS (x, y, z)
-    geometry, x, _ = stored_case(image, affine, target, spec.crop, image_method=spec.image_interpolation)
-    x = normalize(x, spec, original=image)
-    if zyx:
-        x = np.ascontiguousarray(x.transpose(0, 3, 2, 1))
-    return x, geometry
-
-
-def normalize(x: np.ndarray, spec, original: np.ndarray | None = None) -> np.ndarray:
-    """Per channel: the z-score the weights were trained with, or nnU-Net's CT scheme.
-
-    ``spec.crop == "nonzero"`` (our default, and the release): nnU-Net's statistics of the
-    ``original`` image over its nonzero box (``preprocess.nonzero_zscore_stats``, what ``prepare``
-    records); any other crop: statistics of the stored-grid ``x`` itself (``zscore_stored``).
-    The training code's own functions, not a copy: the statistics become (clip, scale, shift) in
-    ``readers.normalization`` and are applied by ``augment.normalize_into``, which training and
-    validation run. So the epsilon, the float32 rounding of scale and shift and the order of
-    operations are those the weights saw.
-    """
-    from types import SimpleNamespace
-
-    from .data.augment import normalize_into
-    from .data.preprocess import intensity_stats, nonzero_zscore_stats
-    from .data.readers import normalization
-
-    # normalization() reads the dataset statistics from a store; predict has them in the ModelSpec
-    store = SimpleNamespace(intensity=spec.intensity_stats, root=f"model spec ({spec.normalization})")
-    if spec.normalization == "zscore" and spec.crop == "nonzero":
-        if original is None:
-            raise ValueError("z-score over the nonzero box needs the original image (nnU-Net's statistics)")
-        mode, per_channel = "zscore", [{"nonzero": s} for s in nonzero_zscore_stats(original)]
-    else:
-        mode = "zscore_stored" if spec.normalization == "zscore" else spec.normalization
-        per_channel = [intensity_stats(x[c], None) for c in range(x.shape[0])]
-    norm = normalization(store, {"id": "input", "intensity_channels": per_channel}, mode, x.shape[0])
-    out = torch.empty(x.shape, dtype=torch.float32)
-    normalize_into(out, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(norm))
-    return out.numpy()
-
-
 def _resample_logits(chunk: torch.Tensor, out_shape: list[int], separate: int | None) -> torch.Tensor:
     """``chunk [c, X', Y', Z']`` -> ``[c, *out_shape]``: edge-aligned linear, or, with a ``separate``
     (thick-slice) axis, linear in-plane and nearest along that axis, as nnU-Net resamples
     probabilities back (``order=1, order_z=0``) so thick slices are not blended into each other."""
     if separate is None:
         return F.interpolate(chunk[None].float(), size=out_shape, mode="trilinear", align_corners=False)[0]
-    from .data.preprocess import _nearest_index
+    from .data.ingest.preprocess import _nearest_index
 
     moved = chunk.float().movedim(separate + 1, 1)  # [c, S, a, b]: the thick axis as channels
     plane = [out_shape[a] for a in range(3) if a != separate]
@@ -205,7 +161,7 @@ def logits_to_labels(logits: torch.Tensor, out_shape: Sequence[int], max_bytes: 
     """Resample ``logits [C, X', Y', Z']`` to ``out_shape`` and arg-max, a few classes at a time.
 
     Equals ``argmax(F.interpolate(logits[None], out_shape, mode="trilinear"))`` (edge-aligned, the
-    convention of ``stunet_scale.data.preprocess``), or with ``separate`` nnU-Net's thick-slice rule
+    convention of ``stunet_scale.data.ingest.preprocess``), or with ``separate`` nnU-Net's thick-slice rule
     (``_resample_logits``), without holding the full-resolution ``[C, X, Y, Z]`` tensor: each chunk
     of classes is interpolated, then a running maximum keeps the best class (the first one on ties,
     as ``argmax``). Peak extra memory: ``max_bytes`` or one class at output size, plus 5 bytes per
@@ -235,7 +191,7 @@ def logits_to_labels(logits: torch.Tensor, out_shape: Sequence[int], max_bytes: 
 
 def restore_labels(labels: np.ndarray, geometry) -> np.ndarray:
     """Labels on the cropped RAS grid (x, y, z) -> the original file's voxel grid."""
-    from .data.preprocess import paste_to_original
+    from .data.ingest.preprocess import paste_to_original
 
     return paste_to_original(labels, geometry, 0)
 
@@ -321,13 +277,8 @@ def save_labels(labels: np.ndarray, reference, path: Path) -> None:
     img.set_sform(hdr.get_sform(), code=int(hdr["sform_code"]))
     img.header.set_xyzt_units(*hdr.get_xyzt_units())
     img.header.set_data_dtype(dtype)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with atomic_path(path, keep_suffix=True) as tmp:  # nibabel picks .nii / .nii.gz from the name
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def label_info(spec, keep: list[int] | None, checkpoint: str) -> dict:

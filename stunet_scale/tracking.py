@@ -113,7 +113,7 @@ class Tracker:
         def start():
             try:
                 self._start(tracking_cfg, run_name, params or {}, tags or {})
-            except Exception as e:  # noqa: BLE001 - tracking must never kill training
+            except Exception as e:  # tracking must never kill training
                 failure.append(f"{e.__class__.__name__}: {e}")
             finally:
                 started.set()
@@ -144,7 +144,7 @@ class Tracker:
         try:
             fn()
             self._failures = 0
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # any MLflow failure: counted, then MLflow is switched off
             self._failures += 1
             log.warning("MLflow %s failed (%d/%d): %s: %s", what, self._failures, _MAX_FAILURES, e.__class__.__name__, e)
             if self._failures >= _MAX_FAILURES:
@@ -161,7 +161,7 @@ class Tracker:
                 self.client.update_run(self.run_id, status="RUNNING")
                 log.info("MLflow: continuing run %s at %s", self.run_id, self.uri)
                 return
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log.warning("MLflow run %s from the checkpoint is not in %s (%s); starting a new run", self.run_id, self.uri, e)
                 tags = {**tags, "resumed_from_run_id": self.run_id}
         exp = self.client.get_experiment_by_name(tracking_cfg.experiment)

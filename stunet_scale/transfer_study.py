@@ -1,12 +1,12 @@
 """`stunet-scale transfer-study`: does a pretrained export beat training from scratch downstream?
 
-STU-Net's claim (stunet_recipe.md §3) at small scale, run end to end through the paths downstream
+STU-Net's claim (Huang et al. 2023, arXiv 2304.06716: pretraining helps downstream) at small scale, run end to end through the paths downstream
 users take:
 
 1. **pretrain** (unless ``--pretrained EXPORT_DIR``): ``demo-data`` -> ``prepare`` -> the trainer on
    ``--pretrain-config`` (default: the quickstart's configs/quickstart.yaml for 1200 steps; its class map and spacing
    decide how the demo set is prepared) -> ``stunet-scale export``;
-2. **downstream task**: ``stunet_scale.data.demo_downstream`` writes an nnU-Net v2 raw dataset (6
+2. **downstream task**: ``stunet_scale.data.ingest.demo_downstream`` writes an nnU-Net v2 raw dataset (6
    grouped classes, an abdominal field of view, CT or an MR-like modality, a few labelled training
    cases plus held-out validation cases named in nnU-Net's ``splits_final.json``) -> ``prepare``;
 3. **fine-tune**: the trainer on ``--config`` (default configs/transfer_study.yaml) with
@@ -110,7 +110,8 @@ def nnunet_ds_weights(n: int) -> list[float]:
 
 
 def _train(argv: list[str], what: str) -> float:
-    from .train import EXIT_OK, main as train_main
+    from .train import EXIT_OK
+    from .train import main as train_main
 
     t0 = time.time()
     code = train_main(argv)
@@ -280,7 +281,7 @@ def _log_to_mlflow(run_dirs: dict[str, Path], files: list[Path]) -> None:
             for f in files:
                 tracker.log_artifact(f, "transfer_study")
             tracker.close("FINISHED")
-        except Exception as e:  # noqa: BLE001 - the study's files are written already
+        except Exception as e:
             log.warning("MLflow: could not log the study's files to %s's run: %s", name, e)
 
 
@@ -291,10 +292,10 @@ def _log_to_mlflow(run_dirs: dict[str, Path], files: list[Path]) -> None:
 
 def pretrain(opts: StudyOptions) -> tuple[Path, dict]:
     """demo-data -> prepare -> train (the pretrain config) -> export; returns (export dir, info)."""
-    from .cli import main as cli_main
     from .config import load_config
-    from .data.demo import write_demo_dataset
-    from .data.prepare import prepare_dataset
+    from .data.ingest.demo import write_demo_dataset
+    from .data.ingest.prepare import prepare_dataset
+    from .export.exporter import export as export_checkpoint
 
     root = opts.run_dir / "pretrain"
     config = _config_path(opts.pretrain_config)
@@ -311,9 +312,10 @@ def pretrain(opts: StudyOptions) -> tuple[Path, dict]:
     run = root / "run"
     _train(["--config", config, f"run_dir={run}", f"data.root={store}", *opts.pretrain_overrides], "pretraining")
     export = root / "export"
-    code = cli_main(["export", str(run), str(export), "--overwrite"])
-    if code != 0:
-        raise StudyError(f"stunet-scale export {run} {export} failed with {code}")
+    try:
+        export_checkpoint(str(run), str(export), None, overwrite=True)  # what `stunet-scale export RUN OUT --overwrite` runs
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+        raise StudyError(f"stunet-scale export {run} {export} failed: {e}") from e
     vals = val_curve(run)
     state = sorted((run / "checkpoints").glob("step_*/trainer_state.json"))
     steps = json.loads(state[-1].read_text()).get("step") if state else None
@@ -323,9 +325,9 @@ def pretrain(opts: StudyOptions) -> tuple[Path, dict]:
 
 
 def downstream(opts: StudyOptions, spacing: list[float]) -> tuple[Path, dict]:
-    from .data.demo_downstream import GROUPS, write_downstream_dataset
-    from .data.sources import read_nnunet_splits
-    from .data.prepare import prepare_dataset
+    from .data.ingest.demo_downstream import GROUPS, write_downstream_dataset
+    from .data.ingest.prepare import prepare_dataset
+    from .data.ingest.sources import read_nnunet_splits
 
     root = opts.run_dir / "downstream"
     raw = write_downstream_dataset(root / "raw", train_cases=opts.train_cases, val_cases=opts.val_cases,
@@ -368,7 +370,7 @@ def finetune_overrides(opts: StudyOptions, spec, store: Path, num_classes: int) 
 
 
 def run_study(opts: StudyOptions) -> dict:
-    from .data.demo_downstream import GROUPS
+    from .data.ingest.demo_downstream import GROUPS
     from .train.__main__ import setup_logging
 
     setup_logging()

@@ -69,6 +69,6 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def prepared_demo(tmp_path_factory) -> Path:
     """A small prepared store (4 demo phantoms, STU-Net class map, Zarr + WebDataset) shared by the data tests."""
-    from stunet_scale.data.demo import make_demo_store
+    from stunet_scale.data.ingest.demo import make_demo_store
 
     return make_demo_store(tmp_path_factory.mktemp("prepared_demo"), cases=4, seed=0, format="both")

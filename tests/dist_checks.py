@@ -28,13 +28,13 @@ from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import synthetic_data  # noqa: E402
+import synthetic_data
 
-from stunet_scale.config import load_config  # noqa: E402
-from stunet_scale.models import build_stunet  # noqa: E402
-from stunet_scale.parallel.backend import build_backend  # noqa: E402
-from stunet_scale.parallel.distributed import init_distributed  # noqa: E402
-from stunet_scale.train.loss import DiceCELoss  # noqa: E402
+from stunet_scale.config import load_config
+from stunet_scale.models import build_stunet
+from stunet_scale.parallel.distributed import init_distributed
+from stunet_scale.parallel.wrap import build_backend
+from stunet_scale.train.loss import DiceCELoss
 
 TINY = ["model.size=null", "model.base_width=4", "model.blocks_per_stage=1", "model.num_classes=4",
         "model.width_multipliers=[1,2,4,8]", "model.pool_strides=[[2,2,2],[2,2,2],[2,2,2]]",

@@ -1,15 +1,21 @@
-"""A synthetic stand-in for ``stunet_scale.data.loader`` (tests only).
+"""A synthetic stand-in for the prepared store's data source (tests only).
 
-Same interface and the same determinism contract as the real stream: sample ``g`` of the plan is a
-pure function of ``(seed, g)``; rank ``r`` of ``W`` takes positions ``r*b .. r*b+b-1`` of each global
-batch (b = global_batch / W), split into micro-batches. Images are spheres whose intensity encodes
-their class, so a tiny STU-Net learns them in a few dozen steps.
+It implements ``stunet_scale.data.stream.source.DataSource``, as ``StoreDataSource`` does, and takes
+its samples by the real indexing (``plan.micro_batch_indices``: rank r of W takes positions
+r, r + W, ... of each global batch, split into micro-batches) and its deep-supervision targets by the
+real down-sampling (``patch_geometry.downsample_target`` at ``deep_supervision_strides``), so it
+cannot drift from the real loader. Sample ``g`` is a pure function of ``(seed, g)``. Images are
+spheres whose intensity encodes their class, so a tiny STU-Net learns them in a few dozen steps.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from stunet_scale.config import StreamConfig, micro_batches_per_rank
+from stunet_scale.data.stream.patch_geometry import deep_supervision_strides, downsample_target
+from stunet_scale.data.stream.plan import micro_batch_indices
 
 VAL_SHAPES = [(40, 36, 44), (32, 32, 32), (48, 40, 36)]
 
@@ -32,35 +38,29 @@ def make_sample(seed: int, g: int, patch, num_classes: int):
     return _phantom(np.random.default_rng([seed, g]), tuple(patch), num_classes)
 
 
-def targets_for(label: torch.Tensor, pool_strides) -> list[torch.Tensor]:
-    out, scale = [label], [1, 1, 1]
-    for stride in pool_strides[:-1]:
-        scale = [a * b for a, b in zip(scale, stride)]
-        out.append(label[..., :: scale[0], :: scale[1], :: scale[2]])
-    return out
+def targets_for(label: torch.Tensor, pool_strides, deep_supervision: bool = True) -> list[torch.Tensor]:
+    """The loader's deep-supervision targets of a full-resolution label batch."""
+    return [downsample_target(label, s) for s in deep_supervision_strides(pool_strides, deep_supervision)]
 
 
 class SyntheticStream:
-    def __init__(self, cfg, rank, world_size, start_step, device):
+    def __init__(self, cfg: StreamConfig, rank: int, world_size: int, start_step: int, device):
         self.cfg, self.rank, self.world, self.step, self.device = cfg, rank, world_size, start_step, device
-        s = cfg.schedule
-        self.per_rank = s.global_batch // world_size
-        self.micro = s.micro_batch
+        self.accumulation = micro_batches_per_rank(cfg.global_batch, cfg.micro_batch, world_size)
 
     def __iter__(self):
         cfg = self.cfg
         while True:
             step = self.step
-            base = step * cfg.schedule.global_batch + self.rank * self.per_rank
             micro_batches = []
-            for m0 in range(0, self.per_rank, self.micro):
-                idx = list(range(base + m0, base + m0 + self.micro))
-                imgs, labs = zip(*(make_sample(cfg.seed, g, cfg.data.patch_size, cfg.model.num_classes) for g in idx))
+            for micro in range(self.accumulation):
+                idx = micro_batch_indices(cfg.global_batch, step, self.rank, self.world, micro, cfg.micro_batch)
+                imgs, labs = zip(*(make_sample(cfg.seed, g, cfg.data.patch_size, cfg.num_classes) for g in idx))
                 image = torch.from_numpy(np.stack(imgs)).to(self.device)
                 label = torch.from_numpy(np.stack(labs))[:, None].to(self.device)
                 micro_batches.append({
                     "image": image,
-                    "targets": targets_for(label, cfg.model.pool_strides),
+                    "targets": targets_for(label, cfg.pool_strides, cfg.deep_supervision),
                     "sample_index": torch.tensor(idx, dtype=torch.int64),
                 })
             self.step += 1
@@ -73,15 +73,42 @@ class SyntheticStream:
         pass
 
 
-def build_train_stream(cfg, *, rank, world_size, start_step, device):
-    return SyntheticStream(cfg, rank, world_size, start_step, device)
+class SyntheticDataSource:
+    """``DataSource`` over synthetic phantoms; pass the class as the trainer's ``data`` factory."""
+
+    def __init__(self, cfg: StreamConfig):
+        self.cfg = cfg
+
+    def train_stream(self, *, rank, world_size, start_step, device):
+        return SyntheticStream(self.cfg, rank, world_size, start_step, device)
+
+    def validation_case_ids(self):
+        return [f"val{i}" for i in range(len(VAL_SHAPES))]
+
+    def validation_case_shape(self, case_id):
+        return VAL_SHAPES[int(case_id[3:])]
+
+    def validation_case(self, case_id):
+        i = int(case_id[3:])
+        image, label = _phantom(np.random.default_rng([self.cfg.seed, 10_000 + i]), VAL_SHAPES[i], self.cfg.num_classes)
+        return image, label, {"case_id": case_id}
 
 
-def list_validation_cases(cfg):
-    return [f"val{i}" for i in range(len(VAL_SHAPES))]
+class CasesDataSource:
+    """``DataSource`` over given in-memory validation cases ``{case_id: (image [C,X,Y,Z], label, meta)}``
+    (validation tests; it has no training stream)."""
 
+    def __init__(self, cases: dict):
+        self.cases = cases
 
-def load_validation_case(cfg, case_id):
-    i = int(case_id[3:])
-    image, label = _phantom(np.random.default_rng([cfg.seed, 10_000 + i]), VAL_SHAPES[i], cfg.model.num_classes)
-    return image, label, {"case_id": case_id}
+    def train_stream(self, *, rank, world_size, start_step, device):
+        raise NotImplementedError("validation-only stand-in")
+
+    def validation_case_ids(self):
+        return sorted(self.cases)
+
+    def validation_case_shape(self, case_id):
+        return tuple(self.cases[case_id][1].shape)
+
+    def validation_case(self, case_id):
+        return self.cases[case_id]

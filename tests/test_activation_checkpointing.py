@@ -10,7 +10,6 @@ import torch
 from stunet_scale.models import ModelConfig, build_stunet
 from stunet_scale.parallel import apply_activation_checkpointing
 
-
 # Convs whose calls are counted: the first block that sees the raw image, a later block inside a
 # multi-block stage (so "stage" granularity is checked beyond its first block), and an upsampling
 # conv that is never wrapped (a control: it must run once either way).

@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from stunet_scale.bench import gpu as G
-from conftest import REPO
 
 
 def _bench_gpu(out, *args, env=None):

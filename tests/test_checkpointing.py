@@ -27,8 +27,8 @@ from stunet_scale.checkpointing.portable import PortableReader, assign_owners
 from stunet_scale.checkpointing.state import TrainerState, capture_rng, load_rng, restore_rng, save_rng
 from stunet_scale.config import load_config
 from stunet_scale.models import build_stunet
-from stunet_scale.parallel.backend import build_backend
 from stunet_scale.parallel.distributed import DistEnv
+from stunet_scale.parallel.wrap import build_backend
 
 ENV = DistEnv()  # one process: collectives are no-ops
 
@@ -175,7 +175,7 @@ def test_untrusted_pickle_in_rng_file_is_refused(tmp_path):
 
     (tmp_path / "rng").mkdir()
     torch.save({"python": Evil()}, tmp_path / "rng" / "rank_00000.pt")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - any refusal will do; the marker file is what matters
         load_rng(tmp_path, 0)
     assert not (tmp_path / "pwned").exists()
 
@@ -205,25 +205,22 @@ def _write_state_without(path: Path, key: str) -> Path:
     return path
 
 
-class _PlannedData:
-    """The synthetic train stream with a sample-plan fingerprint, as the real TrainStream has."""
+def _PlannedData(fingerprint: str):
+    """A synthetic data source whose streams carry a sample-plan fingerprint, as the real TrainStream does."""
+    from synthetic_data import SyntheticDataSource
 
-    def __init__(self, fingerprint: str):
-        import synthetic_data
+    class Planned(SyntheticDataSource):
+        def train_stream(self, **kwargs):
+            stream = super().train_stream(**kwargs)
+            stream.fingerprint = fingerprint
+            return stream
 
-        self.module, self.fingerprint = synthetic_data, fingerprint
-
-    def __getattr__(self, name):
-        return getattr(self.module, name)
-
-    def build_train_stream(self, cfg, **kwargs):
-        stream = self.module.build_train_stream(cfg, **kwargs)
-        stream.fingerprint = self.fingerprint
-        return stream
+    return Planned
 
 
 def test_resume_with_another_seed_or_sample_plan_stops_with_exit_2(tmp_path, caplog):
     from conftest import REPO
+
     from stunet_scale.train import EXIT_CONFIG, EXIT_OK, main
 
     args = ["--config", str(REPO / "configs" / "debug.yaml"), f"run_dir={tmp_path}", *TINY, "seed=0",

@@ -17,11 +17,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from synthetic_data import CasesDataSource
 
-from stunet_scale.data import augment as A
 from stunet_scale.data.class_maps import TOTALSEG_V1_ONLY, TOTALSEG_V2_ONLY, load_class_map, source_correspondence
-from stunet_scale.data.prepare import prepare_dataset
+from stunet_scale.data.ingest.prepare import prepare_dataset
 from stunet_scale.data.store import iter_wds_cases, open_store
+from stunet_scale.data.stream import plan as sample_plan
+from stunet_scale.data.stream import raw_batch, transforms
 from stunet_scale.train.loss import DiceCELoss, soft_dice_per_class
 from stunet_scale.train.validate import Validator, confusion_counts, dice_from_counts
 
@@ -96,7 +98,7 @@ def _write_case(root: Path, case_id: str, drop: tuple[str, ...] = ()) -> None:
     ct[2:-2, 2:-2, 2:-2] = 40  # body: the crop box is [2, 22) per axis
     seg = root / case_id / "segmentations"
     seg.mkdir(parents=True)
-    for name, box in BOXES.items():
+    for box in BOXES.values():
         ct[box] = 60
     nib.save(nib.Nifti1Image(ct, affine), root / case_id / "ct.nii.gz")
     for name in load_class_map("totalseg-v2").foreground:
@@ -208,11 +210,12 @@ def _stream_cfg(root: Path, *extra):
 
 @pytest.mark.parametrize("fmt", ["zarr", "wds"])
 def test_batches_carry_ignore_label_and_annotated_mask(v2_store, fmt):
-    from stunet_scale.data.loader import build_train_stream
+    from stunet_scale.config import StreamConfig
+    from stunet_scale.data.stream.loader import build_train_stream
 
     cfg = _stream_cfg(v2_store, f"data.format={fmt}", "augmentation.enabled=false")
     plan_cases = {}
-    with build_train_stream(cfg, rank=0, world_size=1, start_step=0, device=torch.device("cpu")) as stream:
+    with build_train_stream(StreamConfig.of(cfg), rank=0, world_size=1, start_step=0, device=torch.device("cpu")) as stream:
         for step, micro in stream:
             for mb in micro:
                 ann = mb["annotated"]
@@ -240,11 +243,11 @@ def test_augmentation_keeps_the_ignore_label_a_label(interp):
     lab[4:23, 4:14, 4:23] = IGNORE
     lab[4:23, 14:23, 4:23] = 7
     img = np.zeros((1, *S), np.int16)
-    p = A.identity_params(1)
+    p = sample_plan.identity_params(1)
     p["rotation"], p["spatial"] = np.array([0.3, -0.2, 0.1]), np.array(True)
-    raw = A.raw_from_initial_patches([img, img], [lab, lab], [A.identity_params(1), p],
+    raw = raw_batch.raw_from_initial_patches([img, img], [lab, lab], [sample_plan.identity_params(1), p],
                                      [np.array([[-np.inf, np.inf, 1.0, 0.0]], np.float32)] * 2, P, S)
-    _, targets = A.augment_batch(raw, patch=P, initial=S, ds_strides=[(1, 1, 1), (2, 2, 2)], label_interpolation=interp)
+    _, targets = transforms.augment_batch(raw, patch=P, initial=S, ds_strides=[(1, 1, 1), (2, 2, 2)], label_interpolation=interp)
     for t in targets:
         values = set(torch.unique(t).tolist())
         assert IGNORE in values and values <= {0, 7, IGNORE}  # never blended into another value
@@ -402,13 +405,12 @@ def test_validator_full_skips_ignored_voxels_and_unannotated_classes():
     cfg = SimpleNamespace(
         seed=0, model=SimpleNamespace(num_classes=n, in_channels=1), data=SimpleNamespace(patch_size=[8, 8, 8]),
         augmentation=SimpleNamespace(mirror_axes=[0, 1, 2]),
-        validation=SimpleNamespace(mirroring=False, max_cases=0, step_size=0.5, enabled=True, pseudo_dice_batches=2))
+        validation=SimpleNamespace(mirroring=False, max_cases=0, step_size=0.5, enabled=True, pseudo_dice_batches=2,
+                                   surface_metrics=False))
     env = SimpleNamespace(is_main=True, rank=0, world_size=1, broadcast_object=lambda o: o, all_reduce=lambda v, op: v)
     backend = SimpleNamespace(eval_forward=forward, eval=lambda: None, after_eval=lambda: None, train=lambda: None,
                               device=torch.device("cpu"))
-    data = SimpleNamespace(list_validation_cases=lambda cfg: ["c0"],
-                           load_validation_case=lambda cfg, cid: (pred[None].astype(np.float32), label,
-                                                                  {"missing_classes": [3]}))
+    data = CasesDataSource({"c0": (pred[None].astype(np.float32), label, {"missing_classes": [3]})})
     v = Validator(cfg, backend, env, data, Path("."), ["background", "a", "b", "c"])
     r = v.full(0)
     assert r["per_class"]["a"] == 1.0 and r["per_class"]["b"] == 0.0 and math.isnan(r["per_class"]["c"])

@@ -20,10 +20,10 @@ import threading
 import time
 
 import pytest
-
 from conftest import REPO
-from stunet_scale.train import EXIT_CONFIG, EXIT_DISK_FULL, EXIT_OK, main
 from test_train_single import run
+
+from stunet_scale.train import EXIT_CONFIG, EXIT_DISK_FULL, EXIT_OK, main
 
 # The real stream on the prepared demo store, but a model small enough for seconds per run.
 REAL = ["model.size=null", "model.base_width=4", "model.blocks_per_stage=1", "model.width_multipliers=[1,2,4]",
@@ -133,7 +133,7 @@ def test_a_crash_after_mlflow_started_marks_the_run_failed(tmp_path, monkeypatch
 
 
 def test_a_tracking_server_that_never_answers_does_not_hold_up_training(tmp_path, monkeypatch, caplog):
-    """reliability.md §6 row 25: the server accepts the connection, then says nothing."""
+    """Row 25 of the README's Reliability checks: the server accepts the connection, then says nothing."""
     from stunet_scale.tracking import Tracker
 
     server = socket.socket()

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import yaml
+from conftest import REPO
 
 from stunet_scale.config import (
-    ConfigError, TrainConfig, flatten, from_dict, load_config, save_config, to_yaml, world_batch_arithmetic,
+    BASE_KEY,
+    ConfigError,
+    TrainConfig,
+    flatten,
+    from_dict,
+    load_config,
+    read_config_file,
+    save_config,
+    to_yaml,
+    world_batch_arithmetic,
 )
-
-from conftest import REPO
 
 RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
 TRAIN_RECIPES = [p for p in RECIPES if p.parent.name in ("pretrain", "finetune") or p.name == "debug.yaml"]
@@ -119,12 +129,105 @@ def test_batch_arithmetic_follows_world_size():
 def test_shipped_recipes_load_list_every_key_and_comment_it(path):
     load_config(path)  # validates
     raw = yaml.safe_load(path.read_text())
+    if BASE_KEY in raw:
+        # A per-size file lists what differs; its base (self-contained, checked here too) lists the rest.
+        assert not yaml.safe_load((path.parent / raw[BASE_KEY]).read_text()).get(BASE_KEY), "one level of base"
+        raw = read_config_file(path)
     defaults = dataclasses.asdict(TrainConfig())
     missing = sorted(set(flatten(defaults)) - set(flatten(raw)))
     assert not missing, f"{path.name} does not list {missing}; run `stunet-scale config --config {path} --rewrite`"
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip() and not line.lstrip().startswith("#"):
             assert "  # " in line, f"{path.name}:{number} has no comment: {line!r}"
+
+
+# The pretraining recipes as they were when they were four full copies (captured before the split into
+# base.yaml + per-size files): every resolved value is the default except these. The split must not
+# change what a recipe trains.
+RECIPE_VALUES = {
+    "model.pool_strides": [[2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 1, 1]],
+    "data.root": "data_shards/totalseg",
+}
+SIZE_VALUES = {
+    "s": {"run_dir": "runs/totalseg_stunet_s", "model.size": "S", "model.base_width": 16, "model.blocks_per_stage": [1] * 6,
+          "distributed.backend": "ddp", "distributed.zero_stage": 0, "distributed.activation_checkpointing": "none"},
+    "b": {"run_dir": "runs/totalseg_stunet_b", "model.size": "B", "model.base_width": 32, "model.blocks_per_stage": [1] * 6,
+          "distributed.backend": "ddp", "distributed.zero_stage": 0, "distributed.activation_checkpointing": "none"},
+    "l": {"run_dir": "runs/totalseg_stunet_l", "model.size": "L", "model.base_width": 64, "model.blocks_per_stage": [2] * 6,
+          "distributed.backend": "deepspeed", "distributed.zero_stage": 2, "distributed.activation_checkpointing": "block"},
+    "h": {"run_dir": "runs/totalseg_stunet_h", "model.size": "H", "model.base_width": 96, "model.blocks_per_stage": [3] * 6,
+          "distributed.backend": "deepspeed", "distributed.zero_stage": 3, "distributed.activation_checkpointing": "block"},
+}
+
+
+@pytest.mark.parametrize("size", "sblh")
+def test_pretrain_recipes_resolve_as_the_four_full_copies_did(size):
+    path = REPO / f"configs/pretrain/totalseg_stunet_{size}.yaml"
+    expected = {**flatten(dataclasses.asdict(TrainConfig())), **RECIPE_VALUES, **SIZE_VALUES[size]}
+    assert flatten(load_config(path)) == expected
+    # the file itself is small: its base holds the rest
+    assert yaml.safe_load(path.read_text())[BASE_KEY] == "base.yaml" and len(path.read_text().splitlines()) < 20
+
+
+def test_config_prints_the_full_resolved_recipe_of_a_per_size_file():
+    done = subprocess.run([sys.executable, "-m", "stunet_scale", "config", "--config",
+                           str(REPO / "configs/pretrain/totalseg_stunet_h.yaml")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    printed = yaml.safe_load(done.stdout)
+    assert BASE_KEY not in printed
+    assert flatten(printed) == flatten(load_config(REPO / "configs/pretrain/totalseg_stunet_h.yaml"))
+    assert printed["model"]["base_width"] == 96 and printed["augmentation"]["rotation_p"] == 0.2
+
+
+def test_base_merges_deep_relative_to_the_file(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "common.yaml").write_text("optim:\n  lr: 0.02\n  momentum: 0.9\ndata:\n  patch_size: [64, 64, 64]\n")
+    (tmp_path / "mid.yaml").write_text("base: shared/common.yaml\noptim:\n  momentum: 0.95\n")
+    (tmp_path / "run.yaml").write_text("base: mid.yaml\ndata:\n  patch_size: [96, 96, 96]\n")
+    cfg = load_config(tmp_path / "run.yaml", ["optim.lr=0.03"])
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.data.patch_size) == (0.03, 0.95, [96, 96, 96])
+    assert load_config(tmp_path / "mid.yaml").data.patch_size == [64, 64, 64]  # lists replace, sections merge
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "chain returns to a file"),
+    ({"a.yaml": "base: a.yaml\n"}, "chain returns to a file"),
+    ({"a.yaml": "base: missing.yaml\n"}, "'base: missing.yaml' not found"),
+    ({"a.yaml": "base: [b.yaml]\n"}, "'base' must name a YAML file"),
+    ({"a.yaml": "base: b.yaml\noptim:\n  lrr: 1\n", "b.yaml": "optim:\n  lr: 0.1\n"}, "did you mean 'optim.lr'"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "optimm:\n  lr: 0.1\n"}, "unknown config key 'optimm'"),
+])
+def test_base_cycles_missing_files_and_unknown_keys_fail(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_model_and_run_config_import_without_torch():
+    # A subprocess: pytest has imported torch long before this test runs.
+    code = ("import sys, stunet_scale.config, stunet_scale.models.model_config, stunet_scale.models; "
+            "stunet_scale.config.load_config(); assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    from stunet_scale.models.model_config import ModelConfig
+    from stunet_scale.models.stunet import ModelConfig as FromModel
+
+    assert FromModel is ModelConfig
+
+
+@pytest.mark.parametrize("override, key", [
+    ("augmentation.rotation_p=1.5", "augmentation.rotation_p"),
+    ("augmentation.scaling_range=[1.4,0.7]", "augmentation.scaling_range"),
+    ("augmentation.mirror_axes=[0,0]", "augmentation.mirror_axes"),
+    ("data.num_workers=-3", "data.num_workers"),
+    ("data.prefetch_factor=0", "data.prefetch_factor"),
+    ("data.split_weights=[-1]", "data.split_weights"),
+])
+def test_augmentation_and_loader_knobs_are_checked_with_the_config(override, key):
+    # config.validate, not the data stream: `config`, `train --dry-run` and every rank refuse them alike
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
 
 
 def test_pretrain_recipes_are_the_paper_recipe_per_size():

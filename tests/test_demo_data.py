@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from stunet_scale.data.class_maps import detect_class_map, load_class_map
-from stunet_scale.data.demo import META_HEADER, write_demo_dataset
+from stunet_scale.data.ingest.demo import META_HEADER, write_demo_dataset
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from export_fixtures import TINY_LABELS, write_source
 
 from stunet_scale.cli import main
 from stunet_scale.export import export, load_pretrained, read_weights
 from stunet_scale.export.axes import TRAINING_AXIS_ORDER, TRANSFER_AXIS_ORDER, to_axis_order
 from stunet_scale.export.exporter import reload_all
 from stunet_scale.export.nnunet_network import NETWORK_CLASS_NAME, STUNetForNNUNet
-
-from export_fixtures import TINY_LABELS, write_source
 
 NNUNET_CKPT_KEYS = {"network_weights", "optimizer_state", "grad_scaler_state", "logging", "_best_ema", "current_epoch",
                     "init_args", "trainer_name", "inference_allowed_mirroring_axes"}
@@ -163,14 +162,14 @@ def test_cli_export(tmp_path, capsys):
 
 
 def test_store_manifest_flows_into_spec_and_plans(tmp_path):
+    from export_fixtures import tiny_train_config
+
     from stunet_scale.export.nnunet_folder import build_plans
     from stunet_scale.export.spec import spec_from_train_config
 
-    from export_fixtures import tiny_train_config
-
     cfg = tiny_train_config()
     cfg["data"]["normalization"] = "ct"
-    # the layout `stunet-scale prepare` writes (stunet_scale/data/prepare.py)
+    # the layout `stunet-scale prepare` writes (stunet_scale/data/ingest/prepare.py)
     manifest = {"class_map": {"name": "dataset.json", "labels": ["background", "a", "b", "c"], "num_classes": 4},
                 "preprocessing": {"crop": "nonzero", "image_interpolation": "linear", "target_spacing": [2, 2, 2]},
                 "intensity": {"foreground": {"mean": 80.0, "std": 120.0, "percentile_00_5": -90.0,
@@ -230,9 +229,9 @@ def test_nan_dice_is_written_as_null_and_the_json_is_strict(tmp_path):
 
 
 def test_manifest_case_counts_reach_dataset_json_and_card(tmp_path):
-    from stunet_scale.export.spec import spec_from_train_config
-
     from export_fixtures import tiny_state_dict, tiny_train_config
+
+    from stunet_scale.export.spec import spec_from_train_config
 
     cfg = tiny_train_config()
     cfg["data"]["train_splits"] = ["train", "extra"]
@@ -268,14 +267,14 @@ def test_files_are_written_in_place_and_hashed_once(tmp_path, monkeypatch):
     assert not copies and not (result.out / "stunet").exists()
     assert sorted(hashed) == sorted(["dataset.json", "plans.json", "checkpoint_final.pth", "README.md"])
     sums = (result.out / "SHA256SUMS").read_text()
-    assert sums.count("\n") == 4 and result.files == dict(l.split("  ")[::-1] for l in sums.splitlines())
+    assert sums.count("\n") == 4 and result.files == dict(line.split("  ")[::-1] for line in sums.splitlines())
 
 
 def test_last_validation_of_a_run_reaches_the_card(tmp_path):
+    from export_fixtures import tiny_spec
+
     from stunet_scale.export.checkpoint_io import _last_validation
     from stunet_scale.export.hf_bundle import validation_table
-
-    from export_fixtures import tiny_spec
 
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "step_000000020"

@@ -15,7 +15,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow  # ~35 s per case on 2 cores: writes and re-reads four 233 MB files

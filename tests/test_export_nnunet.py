@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 
 import nibabel as nib
+
 # nnunetv2 is in the dev extra: a missing install must fail these tests, not skip them quietly
 # (a skip would hide that the exported folder was never run through nnU-Net's own predictor).
 import nnunetv2  # noqa: F401
 import numpy as np
 import pytest
 import torch
+from export_fixtures import ellipsoid_phantom, oblique_lps_affine, write_source
 
 from stunet_scale.export import export
 from stunet_scale.export.checkpoint_io import read_weights
-from stunet_scale.predict import predict, preprocess, read_case
-
-from export_fixtures import ellipsoid_phantom, oblique_lps_affine, write_source
+from stunet_scale.export.model_input import preprocess
+from stunet_scale.predict import predict, read_case
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,10 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 
 from stunet_scale.export import export, read_weights
 from stunet_scale.export.exporter import reload_all
-
-from conftest import REPO
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 

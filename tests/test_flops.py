@@ -7,10 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import CONTRACTS
 
 from stunet_scale.models import forward_flops, train_step_flops
-
-from conftest import CONTRACTS
 
 REFERENCE = json.loads((CONTRACTS / "stunet_released_state_dicts.json").read_text())["models"]
 # The figures, TFLOP per 1x1x128^3 forward pass.

@@ -44,7 +44,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
 
 CLASS_MAP = "totalseg-major"
@@ -65,7 +64,7 @@ IGNORED = "liver"  # fault (c)
 
 
 def _prepare(raw: Path, out: Path) -> Path:
-    from stunet_scale.data.prepare import prepare_dataset
+    from stunet_scale.data.ingest.prepare import prepare_dataset
 
     done = prepare_dataset(raw, out, classes=CLASS_MAP, spacing=SPACING, format="zarr", workers=1)
     assert done["exit_code"] == 0, done
@@ -139,7 +138,7 @@ def passes(summary: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from stunet_scale.data.demo import write_demo_dataset
+    from stunet_scale.data.ingest.demo import write_demo_dataset
 
     root = tmp_path_factory.mktemp("golden")
     t0 = time.perf_counter()
@@ -196,16 +195,16 @@ def test_golden_run_learns(data, tmp_path):
 
 
 def test_fault_misaligned_augmentation_fails(data, tmp_path, monkeypatch):
-    import stunet_scale.data.loader as loader
+    import stunet_scale.data.stream.transforms as transforms
 
     raw, store = data
-    monkeypatch.setattr(loader, "augment_batch", misaligning_augment(loader.augment_batch))
+    monkeypatch.setattr(transforms, "augment_batch", misaligning_augment(transforms.augment_batch))
     s = run_pipeline(raw, store, tmp_path, "fault (a) image/label misaligned")
     assert not passes(s), s
 
 
 def test_fault_permuted_label_map_fails(data, tmp_path, monkeypatch):
-    import stunet_scale.data.prepare as prepare
+    import stunet_scale.data.ingest.prepare as prepare
     from stunet_scale.data.class_maps import load_class_map
 
     raw, _ = data

@@ -1,4 +1,4 @@
-"""Ranks die with their launcher (stunet_scale/parallel/launcher_watch.py).
+"""Ranks die with their launcher (stunet_scale/parallel/launcher_watch.py over stunet_scale/parent_watch.py).
 
 SIGKILL of torchrun alone (the OOM killer, a node agent) used to leave its rank processes training
 and writing checkpoints. Here: which parent is watched under which launcher, a stand-in launcher
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from stunet_scale.parallel.launcher_watch import launcher_to_watch
 
 

@@ -10,14 +10,13 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from conftest import CONTRACTS
+from export_fixtures import tiny_spec, write_source
 
 import stunet_scale
 from stunet_scale.export import CheckpointError, UnsafeCheckpointError, initialize_from_pretrained, load_pretrained
 from stunet_scale.export.spec import RELEASED_POOL_STRIDES
 from stunet_scale.models import RELEASE_NAMES, build_stunet
-
-from conftest import CONTRACTS
-from export_fixtures import tiny_spec, write_source
 
 REFERENCE = json.loads((CONTRACTS / "stunet_released_state_dicts.json").read_text())["models"]
 HEAD_KEYS = [f"seg_outputs.{i}.{p}" for i in range(5) for p in ("weight", "bias")]

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from stunet_scale.config import ConfigError, load_config
-from stunet_scale.data.loader import build_train_stream, list_validation_cases, load_validation_case
+from stunet_scale.config import ConfigError, StreamConfig, load_config
+from stunet_scale.data.stream.loader import StoreDataSource, build_train_stream
 
 CPU = torch.device("cpu")
 
@@ -25,7 +25,7 @@ def _cfg(root, *overrides):
 
 def _take(cfg, steps, start=0, rank=0, world=1, device=CPU, **kw):
     out = []
-    with build_train_stream(cfg, rank=rank, world_size=world, start_step=start, device=device, **kw) as stream:
+    with build_train_stream(StreamConfig.of(cfg), rank=rank, world_size=world, start_step=start, device=device, **kw) as stream:
         for step, micro in stream:
             out.append((step, micro))
             if step == start + steps - 1:
@@ -121,7 +121,7 @@ def test_worker_augmentation_equals_the_device_path_run_on_cpu(prepared_demo, mo
     rank's device (here the CPU): the same parameters through the other code path. The raw batches
     of the gpu path come in the workers' recycled shared-memory slabs, released after augmentation
     (a slab overwritten while in use would change the result)."""
-    from stunet_scale.data.shared_slabs import SlabPool
+    from stunet_scale.data.stream.shared_slabs import SlabPool
 
     released = []
     original = SlabPool.release
@@ -146,7 +146,7 @@ def test_batched_spatial_path_equals_the_per_sample_path_on_cpu(prepared_demo):
     batches, _ = _take(device, 4, batched_spatial=True)
     a, b = _by_index(_take(workers, 4)[0]), _by_index(batches)
     plan_spatial = []
-    with build_train_stream(workers, rank=0, world_size=1, start_step=0, device=CPU) as stream:
+    with build_train_stream(StreamConfig.of(workers), rank=0, world_size=1, start_step=0, device=CPU) as stream:
         plan_spatial = [stream.plan.sample(g).spatial for g in a]
     assert sum(plan_spatial) >= 2  # the batched path really ran, on more than one sample
     # the two frames (initial patch vs the sample's box) round grid coordinates differently: the
@@ -155,7 +155,7 @@ def test_batched_spatial_path_equals_the_per_sample_path_on_cpu(prepared_demo):
 
 
 def test_slab_pool_recycles_and_never_overwrites_a_batch_in_flight():
-    from stunet_scale.data.shared_slabs import SlabPool
+    from stunet_scale.data.stream.shared_slabs import SlabPool
 
     pool = SlabPool(workers=1, slots=2)
     specs = [((2, 1, 8, 8, 8), torch.int16), ((2, 1, 8, 8, 8), torch.uint8), ((1, 5, 6, 7), torch.int16)]
@@ -191,7 +191,7 @@ def test_cuda_device_path_matches_cpu_workers(prepared_demo):
 
 
 def test_close_stops_workers_quickly(prepared_demo):
-    stream = build_train_stream(_cfg(prepared_demo, "data.num_workers=2"), rank=0, world_size=1, start_step=0, device=CPU)
+    stream = build_train_stream(StreamConfig.of(_cfg(prepared_demo, "data.num_workers=2")), rank=0, world_size=1, start_step=0, device=CPU)
     it = iter(stream)
     next(it)
     t = time.perf_counter()
@@ -203,8 +203,13 @@ def test_close_stops_workers_quickly(prepared_demo):
 
 
 def test_config_errors_name_the_key(prepared_demo, tmp_path):
+    # the checks run once, in the pre-flight every rank (and the CLI, and --dry-run) calls
+    from stunet_scale.train.preflight import validate
+
     with pytest.raises(ConfigError, match=r"data.root=.*stunet-scale prepare"):
-        build_train_stream(_cfg(tmp_path / "nope"), rank=0, world_size=1, start_step=0, device=CPU)
+        build_train_stream(StreamConfig.of(_cfg(tmp_path / "nope")), rank=0, world_size=1, start_step=0, device=CPU)
+    with pytest.raises(ConfigError, match=r"data.root=.*stunet-scale prepare"):
+        validate(_cfg(tmp_path / "nope"), world_size=1)
     cases = [
         (("data.spacing=[2.0,2.0,2.0]",), 1, r"data.spacing"),
         (("data.class_map=totalseg-v2",), 1, r"data.class_map"),
@@ -218,19 +223,21 @@ def test_config_errors_name_the_key(prepared_demo, tmp_path):
     ]
     for overrides, world, pattern in cases:
         with pytest.raises(ConfigError, match=pattern):
-            build_train_stream(_cfg(prepared_demo, *overrides), rank=0, world_size=world, start_step=0, device=CPU)
+            validate(_cfg(prepared_demo, *overrides), world_size=world)
 
 
 def test_validation_cases_are_normalised_like_training(prepared_demo):
     cfg = _cfg(prepared_demo)
-    ids = list_validation_cases(cfg)
+    source = StoreDataSource(StreamConfig.of(cfg))
+    ids = source.validation_case_ids()
     assert ids == ["s0004"]
-    image, label, meta = load_validation_case(cfg, ids[0])
+    image, label, meta = source.validation_case(ids[0])
+    assert source.validation_case_shape(ids[0]) == tuple(meta["shape"])
     assert image.dtype == np.float32 and image.shape == (1, *meta["shape"])
     assert label.dtype == np.int64 and label.shape == tuple(meta["shape"]) and label.max() > 0
     # default: nnU-Net's per-image z-score, statistics of the original image over its nonzero box
     nz = meta["intensity"]["nonzero"]
-    stored, _, _ = load_validation_case(_cfg(prepared_demo, "data.normalization=zscore_stored"), ids[0])
+    stored, _, _ = StoreDataSource(StreamConfig.of(_cfg(prepared_demo, "data.normalization=zscore_stored"))).validation_case(ids[0])
     raw = stored * meta["intensity"]["std"] + meta["intensity"]["mean"]  # back to HU
     np.testing.assert_allclose(image, (raw - nz["mean"]) / nz["std"], atol=1e-3)
     # zscore_stored: over the stored (body-cropped) volume: mean 0, std 1
@@ -239,7 +246,7 @@ def test_validation_cases_are_normalised_like_training(prepared_demo):
     assert nz["mean"] < meta["intensity"]["mean"] - 50
     # nnU-Net CT: clip to the pooled foreground 0.5/99.5 percentiles, z-score with the pooled stats
     fg = json.load(open(prepared_demo / "manifest.json"))["intensity"]["foreground"]
-    ct_image, _, _ = load_validation_case(_cfg(prepared_demo, "data.normalization=ct"), ids[0])
+    ct_image, _, _ = StoreDataSource(StreamConfig.of(_cfg(prepared_demo, "data.normalization=ct"))).validation_case(ids[0])
     lo = (fg["percentile_00_5"] - fg["mean"]) / fg["std"]
     hi = (fg["percentile_99_5"] - fg["mean"]) / fg["std"]
     assert ct_image.min() == pytest.approx(lo, abs=1e-4) and ct_image.max() == pytest.approx(hi, abs=1e-4)
@@ -267,13 +274,15 @@ def _free_port() -> int:
 def _wds_rank(rank: int, world: int, port: int, root: str, out: str) -> None:
     import torch.distributed as dist
 
-    from stunet_scale.data.loader import Geometry, build_plan, make_loader, open_checked_store
-    from stunet_scale.data.webdataset_reader import WdsMicroBatches
+    from stunet_scale.data.stream.loader import build_plan, make_loader, open_training_store
+    from stunet_scale.data.stream.transforms import Geometry
+    from stunet_scale.data.stream.webdataset_reader import WdsMicroBatches
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     cfg = _cfg(root, "data.format=wds", "data.num_workers=2", "schedule.global_batch=4",
                "schedule.samples_per_epoch=20", "data.wds_patches_per_case=2")
-    store = open_checked_store(cfg)
+    cfg = StreamConfig.of(cfg)
+    store = open_training_store(cfg)
     geometry = Geometry(cfg)
     plan = build_plan(cfg, store, geometry)
     ds = WdsMicroBatches(store, plan, geometry, cfg, rank=rank, world_size=world, micro_batch=2, accumulation=1,

@@ -11,10 +11,9 @@ import json
 
 import pytest
 import torch
+from conftest import CONTRACTS
 
 from stunet_scale.models import RELEASE_NAMES, build_stunet, count_parameters
-
-from conftest import CONTRACTS
 
 REFERENCE = json.loads((CONTRACTS / "stunet_released_state_dicts.json").read_text())["models"]
 EXPECTED_KEYS = {"S": 130, "B": 130, "L": 218, "H": 306}

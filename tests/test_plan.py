@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from conftest import REPO
 
 from stunet_scale.config import load_config
 from stunet_scale.models import ModelConfig, count_parameters, train_step_flops
@@ -21,7 +22,7 @@ from stunet_scale.planning import (
     Workload,
     activation_profile,
     candidate_settings,
-    dry_run,
+    dry_run_memory_check,
     estimate,
     model_facts,
     model_state_bytes,
@@ -29,9 +30,7 @@ from stunet_scale.planning import (
     step_seconds,
 )
 
-from conftest import REPO
-
-# distributed.md §0 / §5.2: activations of one 128^3 patch, bf16, no checkpointing, measured there
+# The README's memory-facts table: activations of one 128^3 patch, bf16, no checkpointing, measured
 # on the meta device (the saved tensors of the network, conv weights included).
 DOCS_ACTIVATION_GIB = {"S": 1.0, "B": 2.1, "L": 7.5, "H": 16.7}
 TINY = ModelConfig(size=None, base_width=4, blocks_per_stage=1)  # 105 outputs, as the real head
@@ -234,54 +233,7 @@ def test_cli_text_and_exit_code_when_nothing_fits():
 # ---------------------------------------------------------------------------------------------
 
 
-def _debug(tmp_path, *overrides):
-    return load_config(REPO / "configs" / "debug.yaml", [f"run_dir={tmp_path / 'run'}", *overrides])
-
-
-def test_dry_run_ok_for_the_debug_recipe(tmp_path):
-    lines = []
-    code = dry_run(_debug(tmp_path), 1, out=lines.append)
-    text = "\n".join(lines)
-    assert code == 0, text
-    assert "global 2 = micro 2 x 1 ranks x accumulation 1" in text
-    assert "dry run OK" in text
-
-
-def test_dry_run_rejects_what_would_fail_after_launch(tmp_path):
-    lines = []
-    # backend none cannot run 2 ranks; global batch 2 cannot be split as micro 2 x 2 ranks.
-    code = dry_run(_debug(tmp_path), 2, out=lines.append)
-    text = "\n".join(lines)
-    assert code == 2
-    assert "distributed.backend=none" in text and "schedule.global_batch=2" in text
-
-
-def test_dry_run_checks_webdataset_shards_against_readers(tmp_path):
-    root = tmp_path / "store"
-    (root / "wds").mkdir(parents=True)
-    for i in range(3):
-        (root / "wds" / f"shard-{i:06d}.tar").write_bytes(b"")
-    cfg = _debug(tmp_path, f"data.root={root}", "data.format=wds", "data.num_workers=2",
-                 "distributed.backend=ddp", "schedule.global_batch=4")
-    lines = []
-    assert dry_run(cfg, 2, out=lines.append) == 2
-    assert "3 WebDataset shards for 2 ranks x 2 workers = 4 readers" in "\n".join(lines)
-    lines = []
-    cfg = _debug(tmp_path, f"data.root={root}", "data.format=wds", "data.num_workers=1",
-                 "distributed.backend=ddp", "schedule.global_batch=4")
-    assert dry_run(cfg, 2, out=lines.append) == 0, "\n".join(lines)
-
-
-def test_dry_run_checkpoint_cadence_uses_where_the_schedule_stops(tmp_path):
-    # The debug recipe is 600 samples / batch 2 = 300 steps; a larger schedule.max_steps does not
-    # lengthen it (Schedule.stop_step), so a checkpoint every 500 steps would never be written.
-    lines = []
-    dry_run(_debug(tmp_path, "schedule.max_steps=1000", "checkpoint.every_steps=500"), 1, out=lines.append)
-    text = "\n".join(lines)
-    assert "checkpoint.every_steps=500 > 300 steps in the run" in text, text
-    lines = []
-    dry_run(_debug(tmp_path, "schedule.max_steps=200", "checkpoint.every_steps=250"), 1, out=lines.append)
-    assert "checkpoint.every_steps=250 > 200 steps in the run" in "\n".join(lines)
+# (the rest of `train --dry-run` is stunet_scale/train/dry_run.py, tested in tests/test_cli.py)
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])
@@ -304,10 +256,9 @@ def test_dry_run_memory_check_uses_the_planner(tmp_path):
     cfg = load_config(REPO / "configs" / "pretrain" / "totalseg_stunet_h.yaml",
                       [f"run_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'none'}", "model.size=L",
                        "distributed.activation_checkpointing=none", "schedule.global_batch=16"])
-    lines = []
-    assert dry_run(cfg, 8, gpu_mem_gb=24, out=lines.append) == 2
-    text = "\n".join(lines)
-    assert "FAIL  memory" in text and "the planner suggests" in text
+    lines = dry_run_memory_check(cfg, 8, 1, gpu_mem_gb=24)
+    assert any(level == "error" and text.startswith("memory") and "the planner suggests" in text
+               for level, text in lines), lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,14 +304,3 @@ def test_prediction_matches_cuda_peak_memory(size, checkpointing):
     measured = torch.cuda.max_memory_allocated()
     print(f"STU-Net-{size} AC {checkpointing}: predicted {expected / GIB:.2f} GiB, measured {measured / GIB:.2f} GiB")
     assert measured == pytest.approx(expected, rel=0.15)
-
-
-def test_train_dry_run_from_the_command_line(tmp_path):
-    for entry in (["-m", "stunet_scale", "train"], ["-m", "stunet_scale.train"]):
-        out = subprocess.run(
-            [sys.executable, *entry, "--config", str(REPO / "configs" / "debug.yaml"), "--dry-run", "--world-size", "2",
-             f"run_dir={tmp_path / 'run'}"],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        )
-        assert out.returncode == 2, out.stdout + out.stderr
-        assert "distributed.backend=none runs one process but 2 ranks" in out.stdout

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from export_fixtures import ellipsoid_phantom, oblique_lps_affine, rotation, write_source
 
 from stunet_scale.cli import main
 from stunet_scale.export import export
 from stunet_scale.export.spec import ModelSpec
 from stunet_scale.models import ModelConfig
 from stunet_scale.predict import logits_to_labels, predict
-
-from export_fixtures import ellipsoid_phantom, oblique_lps_affine, rotation, write_source
 
 
 class Threshold(torch.nn.Module):
@@ -176,7 +175,7 @@ def test_header_defects_are_reported_per_case_by_file(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory):
-    from stunet_scale.data.demo import make_demo_store
+    from stunet_scale.data.ingest.demo import make_demo_store
     from stunet_scale.data.store import open_store
 
     return open_store(make_demo_store(tmp_path_factory.mktemp("norm"), cases=1, seed=3, format="zarr"))
@@ -185,14 +184,14 @@ def demo_store(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["zscore", "zscore_stored", "ct"])
 def test_normalisation_equals_the_training_path(demo_store, mode):
     # Training and validation normalise a stored int16 case with the manifest's statistics
-    # (readers.CaseHandle.norm + augment.normalize_into); predict, given the same array (and, for
+    # (readers.CaseHandle.norm + transforms.normalize_into); predict, given the same array (and, for
     # zscore, the original file it computes nnU-Net's statistics from), must produce the same
     # float32 values bit for bit (same statistics, epsilon, rounding and order of operations).
-    from stunet_scale.data.augment import normalize_into
-    from stunet_scale.data.readers import CaseHandle
-    from stunet_scale.data.sources import read_nifti
+    from stunet_scale.data.ingest.sources import read_nifti
+    from stunet_scale.data.stream.readers import CaseHandle
+    from stunet_scale.data.stream.transforms import normalize_into
+    from stunet_scale.export.model_input import normalize
     from stunet_scale.export.spec import manifest_intensity_stats
-    from stunet_scale.predict import normalize
 
     (cid,) = demo_store.case_ids()
     handle = CaseHandle(demo_store, cid, mode, 1)
@@ -282,7 +281,7 @@ def test_multichannel_model_reads_nnunet_channel_files(tmp_path):
 
 
 def test_ct_normalisation_uses_the_dataset_statistics():
-    from stunet_scale.predict import normalize
+    from stunet_scale.export.model_input import normalize
 
     spec = dataclasses.replace(threshold_spec(), normalization="ct", intensity_stats={
         "mean": 100.0, "std": 50.0, "percentile_00_5": -200.0, "percentile_99_5": 400.0})

@@ -15,7 +15,7 @@ pytest.importorskip("nnunetv2")
 @pytest.mark.slow
 def test_bench_prepare_reports_both_pipelines(tmp_path, capsys):
     from stunet_scale.cli import main
-    from stunet_scale.data.demo import write_demo_dataset
+    from stunet_scale.data.ingest.demo import write_demo_dataset
 
     raw = write_demo_dataset(tmp_path / "raw", cases=1, seed=2)
     assert main(["bench", "prepare", str(raw), "--json"]) == 0

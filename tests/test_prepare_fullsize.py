@@ -16,9 +16,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from stunet_scale.data import preprocess as pp
-from stunet_scale.data import sources
-from stunet_scale.data.sources import CaseError, load_case, open_source
+from stunet_scale.data.ingest import preprocess as pp
+from stunet_scale.data.ingest import sources
+from stunet_scale.data.ingest.sources import CaseError, load_case, open_source
 
 SHAPE = (40, 36, 30)
 AFF = np.diag([1.5, 1.5, 2.0, 1.0])
@@ -35,7 +35,7 @@ def _write(path: Path, data: np.ndarray, affine=AFF, mtime: int = 0) -> None:
 
 def _blob(rng, lo, hi) -> np.ndarray:
     m = np.zeros(SHAPE, np.uint8)
-    m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = rng.random(tuple(h - l for l, h in zip(lo, hi))) < 0.8
+    m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = rng.random(tuple(h - low for low, h in zip(lo, hi))) < 0.8
     return m
 
 
@@ -193,7 +193,7 @@ def test_load_case_memory_is_bounded_by_the_window(tmp_path):
 
 
 def test_default_workers_rule():
-    from stunet_scale.data.prepare import WORKER_MEMORY_BYTES, default_workers
+    from stunet_scale.data.ingest.prepare import WORKER_MEMORY_BYTES, default_workers
 
     gib = 2**30
     assert WORKER_MEMORY_BYTES == 4 * gib

@@ -1,4 +1,4 @@
-"""Geometry of `stunet_scale.data.preprocess`: RAS reorientation, resampling against nnU-Net's own
+"""Geometry of `stunet_scale.data.ingest.preprocess`: RAS reorientation, resampling against nnU-Net's own
 functions, the stored affine, the inverse mapping `predict` relies on, and foreground locations."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from stunet_scale.data import preprocess as pp
+from stunet_scale.data.ingest import preprocess as pp
 
 nnunet_resampling = pytest.importorskip("nnunetv2.preprocessing.resampling.default_resampling")
 
@@ -79,7 +79,7 @@ def test_label_resampling_equals_nnunet(new_shape):
 def _phantom_labels(shape, spacing, seed=0):
     """The demo phantom's 117 TotalSegmentator v2 masks merged (higher label wins) on a RAS grid."""
     from stunet_scale.data.class_maps import load_class_map
-    from stunet_scale.data.demo import phantom
+    from stunet_scale.data.ingest.demo import phantom
 
     image, masks = phantom(np.random.default_rng(seed), shape, spacing, "v2")
     lab = np.zeros(shape, np.uint8)
@@ -124,7 +124,7 @@ def test_prepare_labels_equal_nnunet_resample_to_shape(spacing, separate, file_o
 
 def test_prepare_labels_equal_nnunet_on_real_ct(shared_dir):
     """The same on the real TotalSegmentator CT (117 masks, 3 mm -> 1.5 mm) when ../shared has it."""
-    from stunet_scale.data.sources import load_case, open_source
+    from stunet_scale.data.ingest.sources import load_case, open_source
 
     src = shared_dir / "data" / "totalseg_sample"
     if not (src / "s0001" / "ct.nii.gz").exists():

@@ -19,9 +19,9 @@ import psutil
 import pytest
 
 from stunet_scale.data.class_maps import load_class_map
-from stunet_scale.data.demo import write_demo_dataset
-from stunet_scale.data.prepare import prepare_dataset
-from stunet_scale.data.sources import DatasetError
+from stunet_scale.data.ingest.demo import write_demo_dataset
+from stunet_scale.data.ingest.prepare import prepare_dataset
+from stunet_scale.data.ingest.sources import DatasetError
 from stunet_scale.data.store import StoreIntegrityError, decode_wds_sample, iter_wds_cases, open_store
 
 OPTS = dict(classes="stunet", cases_per_shard=2)
@@ -97,7 +97,9 @@ def test_read_api(prepared):
         counts = np.bincount(lab.ravel(), minlength=len(labels) + 1)  # + the ignore label
         assert np.array_equal(counts[:len(labels)], case.meta["class_voxels"]) and counts[-1] == case.meta["ignored_voxels"]
         # the stored grid is RAS: patient right = larger x, superior = larger z
-        where = lambda name: np.argwhere(lab == labels.index(name)).mean(axis=0)  # noqa: E731
+        def where(name, lab=lab):
+            return np.argwhere(lab == labels.index(name)).mean(axis=0)
+
         assert where("kidney_right")[0] > where("kidney_left")[0]
         assert where("lung_upper_lobe_left")[2] > where("urinary_bladder")[2]
         # nnU-Net's foreground locations: min(10000, n) but >= 1 % of each class, rows on their label
@@ -312,7 +314,7 @@ def _to_nnunet(raw: Path, dst: Path, cmap_name: str) -> Path:
 def test_nnunet_splits_final_json_names_the_val_cases(raw, tmp_path):
     """A raw nnU-Net dataset with splits_final.json beside dataset.json: fold 0's val cases are split
     "val" in the store (what the trainer validates on); a broken file is an error naming it."""
-    from stunet_scale.data.sources import open_source
+    from stunet_scale.data.ingest.sources import open_source
 
     sub = tmp_path / "two_cases"
     sub.mkdir()

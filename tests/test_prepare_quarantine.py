@@ -2,7 +2,7 @@
 
 Tiny 16^3 cases in the TotalSegmentator layout (3 mask files, the other classes recorded as
 missing) and one nnU-Net raw dataset; each bad case sits next to good ones, which must still be
-prepared. Reliability checks 20-22 of shared/docs/reliability.md.
+prepared. Rows 20-22 of the README's Reliability checks.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from stunet_scale.data.prepare import prepare_dataset
-from stunet_scale.data.sources import REASONS
+from stunet_scale.data.ingest.prepare import prepare_dataset
+from stunet_scale.data.ingest.sources import REASONS
 
 AFF = np.diag([2.0, 2.0, 2.0, 1.0])
 MASKS = ("liver", "spleen", "kidney_left")
@@ -185,7 +185,7 @@ def test_meta_csv_split_typo_stops_the_run(tmp_path, bad):
     # A split outside train/val/test would silently become a new split (and the case would be missing
     # from the one it was meant for): meta.csv is dataset-level, so the run stops before any case.
     from stunet_scale.cli import main
-    from stunet_scale.data.sources import DatasetError
+    from stunet_scale.data.ingest.sources import DatasetError
 
     root = _totalseg_dataset(tmp_path / "raw", {})
     (root / "meta.csv").write_bytes(f"\ufeffimage_id;split\ng1;train\ng2;{bad}\ng3;test\n".encode())
@@ -227,7 +227,7 @@ def test_nnunet_label_defects(tmp_path):
 
 
 def test_unexpected_errors_are_quarantined_not_fatal(tmp_path, monkeypatch):
-    from stunet_scale.data import prepare as prep
+    from stunet_scale.data.ingest import prepare as prep
 
     root = _totalseg_dataset(tmp_path / "raw", {})
     real = prep.preprocess_case

@@ -12,14 +12,23 @@ import torch
 import zarr
 
 from stunet_scale.config import AugmentationConfig
-from stunet_scale.data import augment as A
-from stunet_scale.data.plan import SamplePlan, SampleSpec, resolve_origin
-from stunet_scale.data.readers import CaseHandle, RowReader, ShardReader, ZarrPatchReader, assemble_micro_batch, normalization, plan_cases
 from stunet_scale.data.store import StoreIntegrityError, open_store
-from stunet_scale.data.webdataset_reader import BufferPlan, _epoch_rng, consumer_shards, load_wds_case
+from stunet_scale.data.stream import counter_noise, patch_geometry, raw_batch, transforms
+from stunet_scale.data.stream import plan as sample_plan
+from stunet_scale.data.stream.plan import SamplePlan, SampleSpec, resolve_origin
+from stunet_scale.data.stream.readers import (
+    CaseHandle,
+    RowReader,
+    ShardReader,
+    ZarrPatchReader,
+    assemble_micro_batch,
+    normalization,
+    plan_cases,
+)
+from stunet_scale.data.stream.webdataset_reader import BufferPlan, _epoch_rng, consumer_shards, load_wds_case
 
 PATCH = [64, 64, 64]
-INITIAL = A.initial_patch_size(PATCH, 30)
+INITIAL = patch_geometry.initial_patch_size(PATCH, 30)
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +87,13 @@ def test_normalisation_is_stunet_zscore_or_nnunet_ct(store):
 
 def _spec(plan, case, origin, aug=None, fg_row=-1, index=0):
     return SampleSpec(index=index, case=case, case_id=plan.cases[case].case_id, forced_fg=fg_row >= 0, fg_label=-1,
-                      fg_row=fg_row, random_origin=tuple(origin), aug=aug or A.identity_params(1))
+                      fg_row=fg_row, random_origin=tuple(origin), aug=aug or sample_plan.identity_params(1))
 
 
 def test_outside_the_volume_is_air_and_background(store):
     plan = _plan(store)
     h = CaseHandle(store, plan.cases[0].case_id, "zscore", 1)
-    off = A.crop_offset(PATCH, INITIAL)
+    off = patch_geometry.crop_offset(PATCH, INITIAL)
     # the final patch starts 20 voxels before the volume on every axis
     spec = _spec(plan, 0, [-20 - o for o in off])
     raw = assemble_micro_batch([spec], [h], plan, 1)
@@ -95,7 +104,7 @@ def test_outside_the_volume_is_air_and_background(store):
     h.image.read((0, 0, 0), ref.shape, ref)
     np.testing.assert_array_equal(img[20:20 + ref.shape[0], 20:20 + ref.shape[1], 20:20 + ref.shape[2]], ref)
     # normalised, the padding is exactly the case's air value
-    x, _ = A.augment_batch(raw, patch=PATCH, initial=INITIAL, ds_strides=[(1, 1, 1)])
+    x, _ = transforms.augment_batch(raw, patch=PATCH, initial=INITIAL, ds_strides=[(1, 1, 1)])
     _, _, scale, shift = h.norm[0]
     assert torch.allclose(x[0, 0, :20], torch.tensor(-1024 * scale + shift))
 
@@ -103,7 +112,7 @@ def test_outside_the_volume_is_air_and_background(store):
 def test_forced_samples_contain_their_class(store):
     plan = _plan(store, aug_cfg=AugmentationConfig(enabled=False))
     reader = ZarrPatchReader(store, plan, normalization_mode="zscore")
-    off = A.crop_offset(PATCH, INITIAL)
+    off = patch_geometry.crop_offset(PATCH, INITIAL)
     seen = set()
     for i in range(1, 80, 2):  # odd positions of a batch of 2 are forced
         spec = plan.sample(i)
@@ -137,11 +146,11 @@ def test_box_read_equals_reading_the_whole_initial_patch(store):
         dst = tuple(slice(x - o, y - o) for x, y, o in zip(a, b, origin))
         full_img[dst] = group["image"][tuple(slice(x, y) for x, y in zip(a, b))]
         full_lab[dst] = group["label"][tuple(slice(x, y) for x, y in zip(a, b))]
-        ref = A.raw_from_initial_patches([full_img[None]], [full_lab], [spec.aug], [h.norm], PATCH, INITIAL)
-        lo, hi = A.spatial_read_box(spec.aug, PATCH, INITIAL)
+        ref = raw_batch.raw_from_initial_patches([full_img[None]], [full_lab], [spec.aug], [h.norm], PATCH, INITIAL)
+        lo, hi = patch_geometry.spatial_read_box(spec.aug, PATCH, INITIAL)
         assert np.prod(np.subtract(hi, lo)) <= np.prod(INITIAL)
-        x1, t1 = A.augment_batch(raw, patch=PATCH, initial=INITIAL, ds_strides=[(1, 1, 1)])
-        x2, t2 = A.augment_batch(ref, patch=PATCH, initial=INITIAL, ds_strides=[(1, 1, 1)])
+        x1, t1 = transforms.augment_batch(raw, patch=PATCH, initial=INITIAL, ds_strides=[(1, 1, 1)])
+        x2, t2 = transforms.augment_batch(ref, patch=PATCH, initial=INITIAL, ds_strides=[(1, 1, 1)])
         assert torch.equal(x1, x2) and torch.equal(t1[0], t2[0])
 
 
@@ -170,7 +179,7 @@ def test_damaged_chunks_raise_naming_case_and_chunk(prepared_demo, tmp_path):
 
 
 def test_a_box_read_touches_only_the_chunks_under_it_and_opens_its_shard_once(store, monkeypatch):
-    from stunet_scale.data import readers as R
+    from stunet_scale.data.stream import readers as R
 
     cid = store.case_ids(["train"])[0]
     reader = ShardReader(store.root / "store.zarr" / cid / "image", cid, "image")
@@ -237,6 +246,7 @@ def test_webdataset_case_equals_the_zarr_case(store):
 
 def test_labels_use_the_fast_codec_and_stores_with_bitshuffled_labels_still_read(store, tmp_path, monkeypatch):
     from stunet_scale.data import store as st
+    from stunet_scale.data.ingest import store_writer
 
     # the manifest records each array's codec; the label array is written with it
     codecs = store.manifest["storage"]["codecs"]
@@ -253,8 +263,8 @@ def test_labels_use_the_fast_codec_and_stores_with_bitshuffled_labels_still_read
     label = np.kron(rng.integers(0, 30, (5, 5, 5)), np.ones((14, 14, 14)))[:70, :66, :65].astype(np.uint8)
     fg = np.array([[1, 2, 3, 4]], np.int32)
     monkeypatch.setitem(st.CODECS, "label", st.BLOSC)
-    st.write_case_zarr(tmp_path / "old", image, label, fg, {})
-    members = dict(st.encode_wds_case("old", image, label, fg, {"id": "old", "checksums": {
+    store_writer.write_case_zarr(tmp_path / "old", image, label, fg, {})
+    members = dict(store_writer.encode_wds_case("old", image, label, fg, {"id": "old", "checksums": {
         "image": st.array_checksum(image), "label": st.array_checksum(label), "fg_locations": st.array_checksum(fg)},
         "image_shape": list(image.shape), "image_dtype": "int16", "shape": list(label.shape), "label_dtype": "uint8",
         "fg_locations": {"rows": 1}}))
@@ -271,7 +281,7 @@ def test_labels_use_the_fast_codec_and_stores_with_bitshuffled_labels_still_read
     np.testing.assert_array_equal(case.label, label)
     np.testing.assert_array_equal(case.image, image)
     # and the new codec really differs on the wire (no bitshuffle flag in the blosc header)
-    new = dict(st.encode_wds_case("new", image, label, fg, {}))
+    new = dict(store_writer.encode_wds_case("new", image, label, fg, {}))
     assert new["new.label.blosc"][2] & 0x4 == 0 and members["old.label.blosc"][2] & 0x4
 
 
@@ -282,4 +292,4 @@ def test_noisy_samples_carry_only_their_plan_key(store):
     keys = raw["noise_key"].tolist()
     assert keys == [plan.noise_key(4), plan.noise_key(5)] and keys[0] != keys[1]
     assert keys == [_plan(store, aug_cfg=AugmentationConfig(noise_p=1.0)).noise_key(i) for i in (4, 5)]
-    np.testing.assert_array_equal(plan.noise_field(4, (1, 8, 8, 8)), A.gaussian_noise(keys[0], (1, 8, 8, 8)).numpy())
+    np.testing.assert_array_equal(plan.noise_field(4, (1, 8, 8, 8)), counter_noise.gaussian_noise(keys[0], (1, 8, 8, 8)).numpy())

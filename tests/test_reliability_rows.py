@@ -1,5 +1,5 @@
-"""Rows of ../shared/docs/reliability.md §6 that need their own scenario (the README's reliability
-section maps every row to its test). Each test drives the real code path; the multi-process ones
+"""Rows of the README's Reliability checks table that need their own scenario (the table maps
+every row to its test). Each test drives the real code path; the multi-process ones
 start the real trainer or real processes, with timeouts of seconds, not minutes.
 """
 
@@ -119,10 +119,12 @@ def wds_copy(prepared_demo, tmp_path):
 
 def _train_wds(root: Path, run_dir: Path, *overrides) -> int:
     from stunet_scale.train.loop import run
+    from stunet_scale.train.preflight import validate
 
     cfg = load_config(REPO / "configs" / "debug.yaml",
                       [f"data.root={root}", "data.format=wds", f"run_dir={run_dir}", "tracking.enabled=false",
                        "distributed.backend=none", "data.num_workers=0", "schedule.max_steps=1", *overrides])
+    validate(cfg, world_size=1)  # what train/__main__.py runs on every rank before run()
     return run(cfg)
 
 
@@ -153,11 +155,12 @@ def test_damaged_shard_fails_preflight_naming_the_shard(wds_copy, tmp_path, dama
 
 
 def test_intact_shards_pass_preflight_with_sha256(wds_copy, tmp_path):
-    from stunet_scale.data.loader import open_checked_store
+    from stunet_scale.train.preflight import validate
 
     root, _ = wds_copy
-    cfg = load_config(REPO / "configs" / "debug.yaml", [f"data.root={root}", "data.format=wds", "data.verify_shards=sha256"])
-    assert open_checked_store(cfg).manifest["wds_shards"]
+    cfg = load_config(REPO / "configs" / "debug.yaml", [f"data.root={root}", "data.format=wds", "data.verify_shards=sha256",
+                                                        f"run_dir={tmp_path / 'run'}"])
+    assert validate(cfg, world_size=1).store.manifest["wds_shards"]
 
 
 # ------------------------------------------------------------------------------------------------

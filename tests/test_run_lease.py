@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from stunet_scale.config import ConfigError, load_config
 from stunet_scale.train import run_lease
 from stunet_scale.train.run_lease import LEASE_FILE, Holder, LeaseHeld, RunLease, process_start_ticks

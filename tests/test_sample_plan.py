@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stunet_scale.config import AugmentationConfig
-from stunet_scale.data.plan import (
+from stunet_scale.data.stream.plan import (
     PlanCase,
     SamplePlan,
     counter_rng,

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
-from local_cluster import ClusterUnavailable, LocalSlurm, unavailable_reason  # noqa: E402
+from local_cluster import ClusterUnavailable, LocalSlurm, unavailable_reason
 
 SCRIPTS = [REPO / "slurm" / "submit_pretrain.sh", REPO / "slurm" / "submit_prepare.sh"]
 PRETRAIN = SCRIPTS[0]
@@ -198,8 +197,8 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory):
-    from stunet_scale.data.demo import write_demo_dataset
-    from stunet_scale.data.prepare import prepare_dataset
+    from stunet_scale.data.ingest.demo import write_demo_dataset
+    from stunet_scale.data.ingest.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("demo")
     write_demo_dataset(root / "raw", cases=4, seed=0)
@@ -380,7 +379,7 @@ def test_pretrain_preempted_requeued_and_resumed(cluster, demo_store, tmp_path):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_prepare_array_then_finalize(cluster, tmp_path):
-    from stunet_scale.data.demo import write_demo_dataset
+    from stunet_scale.data.ingest.demo import write_demo_dataset
 
     raw = write_demo_dataset(tmp_path / "raw", cases=3, seed=1)
     out = tmp_path / "store"

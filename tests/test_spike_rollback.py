@@ -1,4 +1,4 @@
-"""Reliability §6 row 16: loss-spike skips, rollback past the bad sample range, fatal repeat.
+"""Row 16 of the README's Reliability checks: loss-spike skips, rollback past the bad sample range, fatal repeat.
 
 In-process single-rank runs of the real trainer (tests/test_train_single.py's tiny STU-Net on the
 synthetic stream, a second or two each); faults come from $STUNET_FAULTS like in production
@@ -13,11 +13,11 @@ import logging
 import statistics
 
 import pytest
-
 from conftest import REPO
+from test_train_single import run, train_records
+
 from stunet_scale.config import ConfigError, load_config
 from stunet_scale.train import EXIT_DIVERGED, EXIT_OK
-from test_train_single import run, train_records
 
 GLOBAL_BATCH = 2  # configs/debug.yaml's schedule.global_batch, which the tiny runs keep
 

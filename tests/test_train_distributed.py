@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
@@ -339,7 +338,7 @@ import torch
 
 from stunet_scale.config import load_config
 from stunet_scale.models import build_stunet
-from stunet_scale.parallel.backend import build_backend
+from stunet_scale.parallel.wrap import build_backend
 from stunet_scale.parallel.distributed import init_distributed
 
 out, stage, ds_json = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]

@@ -7,9 +7,10 @@ import torch
 
 from stunet_scale.config import ConfigError, load_config
 from stunet_scale.models import build_stunet, count_parameters
-from stunet_scale.parallel.backend import build_backend, param_groups
+from stunet_scale.parallel.backend import param_groups
 from stunet_scale.parallel.deepspeed_engine import build_ds_config, zero_defaults
 from stunet_scale.parallel.distributed import DistEnv, detect_launch_env, first_host
+from stunet_scale.parallel.wrap import build_backend
 from stunet_scale.train.validate import confusion_counts, dice_from_counts, forward_plan
 
 

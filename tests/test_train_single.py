@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 import synthetic_data
 from conftest import REPO
+
 from stunet_scale.train import EXIT_CONFIG, EXIT_NO_VALID_CHECKPOINT, EXIT_OK, EXIT_REQUEUE, main
 
 TINY = ["model.size=null", "model.base_width=4", "model.blocks_per_stage=1", "model.num_classes=3",
@@ -31,7 +31,7 @@ TINY = ["model.size=null", "model.base_width=4", "model.blocks_per_stage=1", "mo
 
 def run(tmp_path, *overrides):
     return main(["--config", str(REPO / "configs" / "debug.yaml"), f"run_dir={tmp_path}", *TINY, *overrides],
-                data=synthetic_data)
+                data=synthetic_data.SyntheticDataSource)
 
 
 def train_records(run_dir: Path) -> list[dict]:
@@ -125,7 +125,7 @@ def test_rerun_of_a_run_at_its_last_step_completes_validation_and_tracking(tmp_p
     pytest.importorskip("mlflow")
     assert run(tmp_path, "schedule.max_steps=3", "tracking.enabled=true") == EXIT_OK  # validation off
     client, r = _mlflow_run(tmp_path)
-    client.update_run(r.info.run_id, status="RUNNING")  # as a job killed before _finish leaves it
+    client.update_run(r.info.run_id, status="RUNNING")  # as a job killed before RunReport.finished leaves it
     for _ in range(2):  # the second rerun finds the validation done and adds nothing
         assert run(tmp_path, "schedule.max_steps=3", "validation.enabled=true", "tracking.enabled=true") == EXIT_OK
         assert [r["step"] for r in train_records(tmp_path)] == [1, 2, 3]
@@ -167,7 +167,7 @@ def _wait_for(pred, timeout=120):
 
 @pytest.mark.timeout(300)
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
-    """reliability.md §6 #1: a half-written step_N.tmp is never loaded and is removed at the next start."""
+    """Reliability checks row 1 (README): a half-written step_N.tmp is never loaded and is removed at the next start."""
     p = _cli(tmp_path, "schedule.max_steps=6", faults={"slow_save_s": 30})
     ckpts = tmp_path / "checkpoints"
     # first save (step 2) sleeps 30 s after its files are written; let it commit? no: kill it mid-save
@@ -185,7 +185,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_death_between_manifest_and_marker_is_not_a_checkpoint(tmp_path):
-    """reliability.md §6 #2 and #11: no marker -> not valid; a signal during a save lets it finish, once."""
+    """Reliability checks rows 2 and 11 (README): no marker -> not valid; a signal during a save lets it finish, once."""
     p = _cli(tmp_path, "schedule.max_steps=2", "checkpoint.every_steps=1")
     assert p.wait(timeout=240) == EXIT_OK
     p = _cli(tmp_path, "schedule.max_steps=4", "checkpoint.every_steps=1", faults={"die_before_marker": True})

@@ -5,7 +5,7 @@ with 4 labels, prepared by `prepare`), with the release's conventions (anisotrop
 down-sampling, nnU-Net's z-score statistics), and exported. Then:
 
 1. A network built, in nnU-Net's own conventions, from plans that mirror the released STU-Net plans
-   (transforms_fidelity.md §1: ``transpose_forward [0,1,2]``, ``ZScoreNormalization`` without mask,
+   (their plans.pkl: ``transpose_forward [0,1,2]``, ``ZScoreNormalization`` without mask,
    1.5 mm, pool strides ending in ``[1,1,2]``), loads our exported ``.pth`` unchanged and, through
    ``nnunetv2``'s preprocessor and predictor, computes the logits ``stunet-scale predict`` computes,
    on an LAS, anisotropic (0.8 x 0.8 x 2.5 mm) synthetic CT and on the shared real CT. The patch is
@@ -31,8 +31,8 @@ import nnunetv2  # noqa: F401 - dev extra; a missing install must fail, not skip
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, SHARED
+
 from stunet_scale.export import export, load_pretrained
 from stunet_scale.export.axes import TRAINING_AXIS_ORDER, TRANSFER_AXIS_ORDER, to_axis_order
 from stunet_scale.export.checkpoint_io import read_weights, safe_torch_load
@@ -60,7 +60,7 @@ GROUPS = {
 
 def _few_label_dataset(root: Path, cases: int = 6) -> Path:
     """Demo phantoms as an nnU-Net raw dataset with 4 merged labels, on-disk RAS, 1.5-2 mm."""
-    from stunet_scale.data.demo import phantom
+    from stunet_scale.data.ingest.demo import phantom
 
     names = ["background", *GROUPS]
     (root / "imagesTr").mkdir(parents=True)
@@ -88,7 +88,7 @@ def _few_label_dataset(root: Path, cases: int = 6) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(export result, run dir): the real trainer, 300 steps on a prepared demo dataset, then `export`."""
-    from stunet_scale.data.prepare import prepare_dataset
+    from stunet_scale.data.ingest.prepare import prepare_dataset
     from stunet_scale.train import EXIT_OK, main
 
     root = tmp_path_factory.mktemp("fidelity")
@@ -109,8 +109,8 @@ def trained(tmp_path_factory):
 
 def _las_ct(path: Path) -> Path:
     """A phantom CT stored LAS (x flipped on disk) at 0.8 x 0.8 x 2.5 mm: nnU-Net's separate-z path."""
-    from stunet_scale.data.demo import phantom
-    from stunet_scale.data.preprocess import apply_ornt, invert_ornt, ornt_affine
+    from stunet_scale.data.ingest.demo import phantom
+    from stunet_scale.data.ingest.preprocess import apply_ornt, invert_ornt, ornt_affine
 
     shape, spacing = (230, 190, 64), (0.8, 0.8, 2.5)
     ct, _ = phantom(np.random.default_rng(7), shape, spacing, "v1")
@@ -138,7 +138,7 @@ def _cases(root: Path) -> list[tuple[str, Path, str]]:
 
 
 def _release_plans(spec, reader: str) -> tuple[dict, dict]:
-    """Plans in nnU-Net's conventions mirroring the released STU-Net plans (facts §1), with the tiny
+    """Plans in nnU-Net's conventions mirroring the released STU-Net plans (see the module docstring), with the tiny
     model's widths and a 32^3 patch; dataset.json with generic label names."""
     arch = {k: spec.model[k] for k in ("size", "base_width", "blocks_per_stage", "width_multipliers",
                                          "pool_strides", "kernel_sizes")}
@@ -292,7 +292,7 @@ def test_released_s_file_round_trips_bit_identical_and_predicts_identically(tmp_
     reloaded = load_pretrained(result.out)
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in sd.items())
     # One 128^3 window (a 60x50x40 CT at 2 mm is smaller than the patch at 1.5 mm): same labels.
-    from stunet_scale.data.demo import phantom
+    from stunet_scale.data.ingest.demo import phantom
 
     ct, _ = phantom(np.random.default_rng(1), (60, 50, 40), (2.0, 2.0, 2.0), "v1")
     nib.save(nib.Nifti1Image(ct, np.diag([2.0, 2.0, 2.0, 1.0])), str(tmp_path / "ct.nii.gz"))

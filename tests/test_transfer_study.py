@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import REPO
 
 
@@ -105,7 +104,7 @@ def test_runs_differ_only_in_init_and_architecture_is_the_exports(study):
 
 
 def test_validation_on_held_out_cases_only(study):
-    from stunet_scale.data.sources import read_nnunet_splits
+    from stunet_scale.data.ingest.sources import read_nnunet_splits
 
     root, _ = study
     split = read_nnunet_splits(root / "downstream" / "raw")
@@ -117,7 +116,7 @@ def test_validation_on_held_out_cases_only(study):
 
 
 def test_downstream_generator_is_reproducible_and_mr_differs():
-    from stunet_scale.data.demo_downstream import GROUPS, downstream_case
+    from stunet_scale.data.ingest.demo_downstream import GROUPS, downstream_case
 
     a_img, a_lab, _ = downstream_case(np.random.default_rng([0, 7001, 0]), "ct")
     assert a_img.dtype == np.int16 and set(np.unique(a_lab)) == set(range(len(GROUPS) + 1))  # every class present

@@ -1,4 +1,4 @@
-"""reliability.md §6 row 24: untrusted artefacts never run code.
+"""Row 24 of the README's Reliability checks: untrusted artefacts never run code.
 
 A pickle payload (``__reduce__`` that creates a marker file) is planted in every file of a run
 directory and of an export that a downstream user may be handed: DeepSpeed ``*_model_states.pt`` /
@@ -41,8 +41,8 @@ from stunet_scale.data.store import StoreIntegrityError, iter_wds_groups, read_t
 from stunet_scale.export import export, load_pretrained, read_weights
 from stunet_scale.export.checkpoint_io import CheckpointError, UnsafeCheckpointError
 from stunet_scale.models import build_stunet
-from stunet_scale.parallel.backend import build_backend
 from stunet_scale.parallel.distributed import DistEnv
+from stunet_scale.parallel.wrap import build_backend
 from stunet_scale.predict import predict
 
 ENV = DistEnv()

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from synthetic_data import CasesDataSource
 
 from stunet_scale.surface_metrics import class_metrics
 from stunet_scale.train.validate import Validator
@@ -51,9 +52,7 @@ def _validator(surface=True, tol=2.0):
     env = SimpleNamespace(is_main=True, rank=0, world_size=1, broadcast_object=lambda o: o, all_reduce=lambda v, op: v)
     backend = SimpleNamespace(eval_forward=forward, eval=lambda: None, after_eval=lambda: None, train=lambda: None,
                               device=torch.device("cpu"))
-    data = SimpleNamespace(list_validation_cases=lambda cfg: sorted(cases),
-                           load_validation_case=lambda cfg, cid: (cases[cid][0][None].astype(np.float32),
-                                                                  cases[cid][1], cases[cid][2]))
+    data = CasesDataSource({cid: (c[0][None].astype(np.float32), c[1], c[2]) for cid, c in cases.items()})
     return Validator(cfg, backend, env, data, Path("."), ["background", "a", "b", "c"])
 
 

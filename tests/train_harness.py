@@ -1,7 +1,7 @@
 """Run the real trainer on synthetic or demo data: ``torchrun ... tests/train_harness.py --config X [k=v]``.
 
-``STUNET_TEST_DATA=synthetic`` (default) plugs in tests/synthetic_data.py; ``real`` uses the shipped
-stream (stunet_scale.data.loader) on a prepared store.
+``STUNET_TEST_DATA=synthetic`` (default) plugs in tests/synthetic_data.py's SyntheticDataSource; ``real`` uses the shipped
+stream (stunet_scale.data.stream.loader) on a prepared store.
 """
 
 import os
@@ -15,5 +15,5 @@ if __name__ == "__main__":
 
     data = None
     if os.environ.get("STUNET_TEST_DATA", "synthetic") == "synthetic":
-        import synthetic_data as data
+        from synthetic_data import SyntheticDataSource as data
     sys.exit(main(sys.argv[1:], data=data))

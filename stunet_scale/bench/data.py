@@ -5,7 +5,7 @@ On the same planned 128^3 samples of the same prepared cases it measures:
 (a) ``cpu_side``: what stays on a CPU core when augmentation runs on the GPU: the plan, reading
     the needed chunks (crop, or the box of the 205^3 initial patch a rotated/scaled sample touches),
     padding, and handing the raw batch over in shared memory: views of one of the worker's
-    recycled slabs (``data/shared_slabs.py``), measured in the steady state where the main process
+    recycled slabs (``data/stream/shared_slabs.py``), measured in the steady state where the main process
     releases each slab after augmenting it, as ``TrainStream`` does. The Gaussian noise field is
     generated where the batch is augmented (here: on the GPU), so it is not part of (a). Nor is
     the main process's CPU work per batch on a GPU host: unpickling the batch's small fields, the
@@ -35,13 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import TrainConfig, DataConfig
-from ..data.augment import augment_batch
-from ..data.loader import Geometry, STORE_CHANNELS
-from ..data.plan import SamplePlan, resolve_origin
-from ..data.readers import ZarrPatchReader, image_format, plan_cases, read_box
-from ..data.shared_slabs import SlabPool
-from ..data.store import open_store
+from ..config import DataConfig, StreamConfig, TrainConfig
+from ..data.store import STORE_CHANNELS, open_store
+from ..data.stream.plan import SamplePlan, resolve_origin
+from ..data.stream.readers import ZarrPatchReader, image_format, plan_cases, read_box
+from ..data.stream.shared_slabs import SlabPool
+from ..data.stream.transforms import Geometry, augment_batch
 
 
 def _config(store, patch: int) -> TrainConfig:
@@ -89,7 +88,6 @@ def run_data_bench(prepared_dir: str | Path, *, patches: int = 40, nnunet_patche
                    seed: int = 0, warmup: int = 2) -> dict:
     from numcodecs import blosc
 
-    from ..data import augment as aug_module
 
     torch.set_num_threads(1)
     blosc.use_threads = False
@@ -98,7 +96,7 @@ def run_data_bench(prepared_dir: str | Path, *, patches: int = 40, nnunet_patche
     cfg.seed = seed
     a = cfg.augmentation
     p_spatial = 1 - (1 - a.rotation_p) * (1 - a.scaling_p)
-    geometry = Geometry(cfg)
+    geometry = Geometry(StreamConfig.of(cfg))
     splits = ["train"] if store.case_ids(["train"]) else sorted({store.meta(c)["split"] for c in store.case_ids()})
     cases = plan_cases(store, splits)
     plan = SamplePlan(cases, seed=seed, global_batch=2, patch=geometry.patch, initial=geometry.initial,
@@ -112,28 +110,24 @@ def run_data_bench(prepared_dir: str | Path, *, patches: int = 40, nnunet_patche
     # fresh shared memory and handed over
     pool = SlabPool(1, 2)
     pool.worker = 0  # act as DataLoader worker 0
-    read_t, full_t, spatial = [], [], []
-    aug_module.ALLOCATE_SHARED = True  # as in a DataLoader worker: augmented batches are born in shared memory
-    try:
-        for i in range(warmup + patches):
-            t0 = time.perf_counter()
-            raw = reader.read_micro_batch([i], shared=pool)
-            _share(raw)  # what the worker's pickler does: a no-op for tensors already in shared memory
-            t1 = time.perf_counter()
-            own = reader.read_micro_batch([i], shared=False)
-            out = augment_batch(own, patch=geometry.patch, initial=geometry.initial, ds_strides=geometry.ds_strides,
-                                label_interpolation=geometry.label_interpolation, device="cpu",
-                                label_dtype=own["crop_label"].dtype)
-            _share({"image": out[0], "targets": out[1]})
-            t2 = time.perf_counter()
-            pool.release(raw["slab"])
-            if i >= warmup:
-                read_t.append(t1 - t0)
-                full_t.append(t2 - t1)
-                spatial.append(bool(plan.sample(i).spatial))
-            del raw, own, out
-    finally:
-        aug_module.ALLOCATE_SHARED = None
+    read_t, full_t, spatial = [], [], []  # (b)'s outputs are born in shared memory (out_shared), as in a worker
+    for i in range(warmup + patches):
+        t0 = time.perf_counter()
+        raw = reader.read_micro_batch([i], shared=pool)
+        _share(raw)  # what the worker's pickler does: a no-op for tensors already in shared memory
+        t1 = time.perf_counter()
+        own = reader.read_micro_batch([i], shared=False)
+        out = augment_batch(own, patch=geometry.patch, initial=geometry.initial, ds_strides=geometry.ds_strides,
+                            label_interpolation=geometry.label_interpolation, device="cpu",
+                            label_dtype=own["crop_label"].dtype, out_shared=True)
+        _share({"image": out[0], "targets": out[1]})
+        t2 = time.perf_counter()
+        pool.release(raw["slab"])
+        if i >= warmup:
+            read_t.append(t1 - t0)
+            full_t.append(t2 - t1)
+            spatial.append(bool(plan.sample(i).spatial))
+        del raw, own, out
     cpu_side = 1 / _stratified(read_t, spatial, p_spatial)
     cpu_full = 1 / _stratified(full_t, spatial, p_spatial)
 

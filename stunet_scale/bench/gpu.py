@@ -169,7 +169,7 @@ def _environment(out: Path, dry_run: bool, env: dict) -> dict:
     try:
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
         info.update(json.loads(r.stdout.strip().splitlines()[-1]))
-    except Exception as e:  # noqa: BLE001 - recorded; the parts report their own errors
+    except Exception as e:
         info["environment_error"] = f"{e.__class__.__name__}: {e}"
     try:
         r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -354,7 +354,7 @@ def part_train_b(out: Path, dry: bool) -> dict:
 def _random_targets(cfg_model, batch: int, patch, device):
     import torch
 
-    from ..data.augment import deep_supervision_strides
+    from ..data.stream.patch_geometry import deep_supervision_strides
 
     strides = deep_supervision_strides(cfg_model.pool_strides, cfg_model.deep_supervision)
     return [torch.randint(0, cfg_model.num_classes, (batch, 1, *(p // s for p, s in zip(patch, st))), device=device)
@@ -395,7 +395,7 @@ def part_train_h(out: Path, dry: bool) -> dict:
     if use_ds:
         try:
             import deepspeed  # noqa: F401
-        except Exception as e:  # noqa: BLE001 - ImportError or a broken op builder
+        except Exception as e:
             ds_error = f"{e.__class__.__name__}: {e}"
     if ds_error is not None:
         if dry:
@@ -411,10 +411,10 @@ def part_train_h(out: Path, dry: bool) -> dict:
 
     from ..config import load_config
     from ..models import build_stunet, train_step_flops
-    from ..parallel.backend import build_backend
     from ..parallel.distributed import init_distributed, shutdown
-    from ..train.loss import DiceCELoss
+    from ..parallel.wrap import build_backend
     from ..tracking import peak_rss_bytes
+    from ..train.loss import DiceCELoss
 
     cfg = load_config(H_RECIPE, overrides)
     env = init_distributed(cfg.distributed.timeout_s, str(run_dir), need_group=True)
@@ -533,7 +533,7 @@ def part_planner(out: Path, dry: bool) -> dict:
                                           threads=None))
                 measured[size] = {"peak_memory_bytes": m["peak_memory_bytes"], "zero": 0,
                                   "memory_kind": m["memory_kind"]}
-            except Exception as e:  # noqa: BLE001 - recorded per size
+            except Exception as e:
                 rows[size]["measure_error"] = f"{e.__class__.__name__}: {e}"
             torch.cuda.empty_cache()
     errors = []
@@ -561,7 +561,7 @@ def _rich_params(n_channels: int = 1):
     """The parity test's three samples: rotation+scale+blur+gamma; intensity-only; scale+noise."""
     import numpy as np
 
-    from ..data.augment import identity_params
+    from ..data.stream.plan import identity_params
 
     def params(**kw):
         p = identity_params(n_channels)
@@ -581,7 +581,8 @@ def part_augment(out: Path, dry: bool) -> dict:
     import torch
 
     from ..config import load_config
-    from ..data import augment as A
+    from ..data.stream import patch_geometry, raw_batch, transforms
+    from ..data.stream import plan as sample_plan
 
     if dry:
         torch.set_num_threads(1)
@@ -589,8 +590,8 @@ def part_augment(out: Path, dry: bool) -> dict:
     cfg = load_config(H_RECIPE, ["tracking.enabled=false"])
     p = 64 if dry else 128
     patch = [p] * 3
-    initial = A.initial_patch_size(patch, cfg.augmentation.rotation_max_deg)
-    ds = A.deep_supervision_strides(cfg.model.pool_strides, True)
+    initial = patch_geometry.initial_patch_size(patch, cfg.augmentation.rotation_max_deg)
+    ds = patch_geometry.deep_supervision_strides(cfg.model.pool_strides, True)
     rng = np.random.default_rng(0)
     # A smooth HU-like image and blocky labels, so interpolation and nearest labels see real structure.
     coarse = rng.integers(-1000, 1000, (1, *(s // 8 + 1 for s in initial))).astype(np.float32)
@@ -610,10 +611,10 @@ def part_augment(out: Path, dry: bool) -> dict:
     # plain samples, noise by key), host-to-device copy from pinned memory included.
     n_batches = 4 if dry else 24
     batches = []
-    for k in range(n_batches + 2):
-        params = [A.draw_params(rng, cfg.augmentation, 1) for _ in range(2)]
+    for _ in range(n_batches + 2):
+        params = [sample_plan.draw_params(rng, cfg.augmentation, 1) for _ in range(2)]
         keys = [int(rng.integers(1, 2**31)) if float(q["noise_std"]) > 0 else None for q in params]
-        batches.append(pinned(A.raw_from_initial_patches([img, img], [lab, lab], params, [norm, norm], patch, initial,
+        batches.append(pinned(raw_batch.raw_from_initial_patches([img, img], [lab, lab], params, [norm, norm], patch, initial,
                                                          keys)))
 
     def sync():
@@ -621,12 +622,12 @@ def part_augment(out: Path, dry: bool) -> dict:
             torch.cuda.synchronize()
 
     for b in batches[:2]:
-        A.augment_batch(b, patch=patch, initial=initial, ds_strides=ds, device=dev)
+        transforms.augment_batch(b, patch=patch, initial=initial, ds_strides=ds, device=dev)
     sync()
     times, spatial = [], []
     for b in batches[2:]:
         t0 = time.perf_counter()
-        A.augment_batch(b, patch=patch, initial=initial, ds_strides=ds, device=dev)
+        transforms.augment_batch(b, patch=patch, initial=initial, ds_strides=ds, device=dev)
         sync()
         times.append(time.perf_counter() - t0)
         sp = b["spatial_image"]
@@ -635,13 +636,13 @@ def part_augment(out: Path, dry: bool) -> dict:
 
     # Parity: the same raw batch and parameters on the CPU and on the device.
     params = _rich_params()
-    raw = A.raw_from_initial_patches([img] * 3, [lab] * 3, params, [norm] * 3, patch, initial, [None, None, 1234567])
-    x_cpu, t_cpu = A.augment_batch(raw, patch=patch, initial=initial, ds_strides=ds, device="cpu")
+    raw = raw_batch.raw_from_initial_patches([img] * 3, [lab] * 3, params, [norm] * 3, patch, initial, [None, None, 1234567])
+    x_cpu, t_cpu = transforms.augment_batch(raw, patch=patch, initial=initial, ds_strides=ds, device="cpu")
     if dev.type == "cuda":
-        x_dev, t_dev = A.augment_batch(raw, patch=patch, initial=initial, ds_strides=ds, device=dev)
+        x_dev, t_dev = transforms.augment_batch(raw, patch=patch, initial=initial, ds_strides=ds, device=dev)
         parity_of = "cpu vs cuda"
     else:  # no GPU: the CPU's two spatial paths (the GPU's batched one and the worker's per-sample one)
-        x_dev, t_dev = A.augment_batch(raw, patch=patch, initial=initial, ds_strides=ds, device="cpu",
+        x_dev, t_dev = transforms.augment_batch(raw, patch=patch, initial=initial, ds_strides=ds, device="cpu",
                                        batched_spatial=True)
         parity_of = "cpu per-sample vs cpu batched spatial path (no GPU)"
     x_dev = x_dev.cpu()

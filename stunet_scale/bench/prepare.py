@@ -118,7 +118,7 @@ def _subset(source: Path, dst: Path, cases: int | None) -> list[str]:
 
 
 def _ours(src: Path, out: Path, **options) -> dict:
-    from stunet_scale.data.prepare import prepare_dataset
+    from stunet_scale.data.ingest.prepare import prepare_dataset
 
     t0 = time.perf_counter()
     r = prepare_dataset(src, out, format="zarr", workers=1, threads=1, **options)
@@ -326,7 +326,7 @@ def same_grid_volumes(raw_dataset: Path, ours_out: Path, ids: list[str], n_label
     import nibabel as nib
     from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
 
-    from stunet_scale.data import preprocess as pp
+    from stunet_scale.data.ingest import preprocess as pp
 
     m = json.loads((ours_out / "manifest.json").read_text())
     target = m["preprocessing"]["target_spacing"]
@@ -418,7 +418,7 @@ def compare_class_volumes(true: dict, by_method: dict[str, dict], labels: list[s
 
 def run_benchmark(source: str | Path, cases: int | None = None, spacing: float = 1.5, keep: str | Path | None = None) -> dict:
     """Run both pipelines on the same cases and return the measurements (see module docstring)."""
-    from stunet_scale.data.sources import open_source
+    from stunet_scale.data.ingest.sources import open_source
 
     source = Path(source).resolve()
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bench_prepare_"))
@@ -601,7 +601,7 @@ UPSAMPLE_ABOVE_VOXELS = 512 * 512 * 400  # the phantom needs ~140 B/voxel: build
 
 def _ours_full_child(src: str, out: str, class_map: str, spacing: float, out_json: str) -> None:
     """In a fresh interpreter (so its peak RSS is its own): ``prepare`` with one worker, one thread."""
-    from stunet_scale.data.prepare import prepare_dataset
+    from stunet_scale.data.ingest.prepare import prepare_dataset
 
     t = time.perf_counter()
     r = prepare_dataset(src, out, format="zarr", workers=1, threads=1, classes=class_map, spacing=spacing)
@@ -634,7 +634,7 @@ def run_full_size_benchmark(shape=FULL_SIZE_SHAPE, spacing: float = FULL_SIZE_SP
     in its own process with its peak RSS: ours (``prepare``, 1 worker, 1 thread) and nnU-Net v2
     (TotalSegmentator's label merge, then fingerprint + plan + preprocess of 3d_fullres with one
     process). Per-case numbers are whole-run wall time / cases (process start-up included on both sides)."""
-    from stunet_scale.data.demo import write_demo_dataset
+    from stunet_scale.data.ingest.demo import write_demo_dataset
 
     shape = tuple(int(n) for n in shape)
     if upsample is None:

@@ -43,7 +43,7 @@ def _model_cfg(size: str, num_classes: int, base_width: int | None):
 def _variant(kind: str, opts: dict, queue) -> None:
     try:
         queue.put(_measure(kind, opts))
-    except Exception as e:  # noqa: BLE001 - reported to the parent (e.g. OOM for the reference)
+    except Exception as e:
         queue.put({"error": f"{e.__class__.__name__}: {e}"})
 
 
@@ -52,8 +52,8 @@ def _measure(kind: str, opts: dict) -> dict:
 
     from ..models import build_stunet, train_step_flops
     from ..parallel.activation_checkpointing import apply_activation_checkpointing
-    from ..train.loss import DiceCELoss
     from ..tracking import peak_rss_bytes
+    from ..train.loss import DiceCELoss
 
     device = torch.device(opts["device"])
     if opts["threads"]:

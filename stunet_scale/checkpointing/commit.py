@@ -11,7 +11,8 @@ disjoint slices of the file list in parallel (crc32c: hardware-accelerated, GB/s
 ``manifest.json`` (every file's size and crc32c) and the ``COMMITTED`` marker, fsyncs, renames
 ``step_N.tmp`` to ``step_N`` (atomic on POSIX), fsyncs the parent, then replaces ``latest`` via a
 temporary file + ``os.replace``; barrier. DeepSpeed alone writes its ``latest`` before other ranks
-finish their shards (reliability.md §1.1); here nothing is visible until everything is durable.
+finish their shards (``runtime/engine.py``'s ``save_checkpoint``: rank 0 writes ``latest`` before the final
+barrier); here nothing is visible until everything is durable.
 
 Reading: the newest directory whose marker exists and whose manifest verifies wins. A newer one
 that fails is logged as an ERROR and renamed ``*.invalid-<time>`` (so a later save of that step
@@ -28,6 +29,8 @@ import re
 import shutil
 import time
 from pathlib import Path
+
+from ..atomic_files import atomic_write_text, fsync_dir
 
 log = logging.getLogger("stunet_scale.checkpointing")
 
@@ -71,28 +74,6 @@ def list_files(directory: Path) -> list[str]:
     return sorted(out)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".writing")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def hash_files(directory: Path, files: list[str], rank: int = 0, world_size: int = 1) -> dict[str, dict]:
     """Size and crc32c of this rank's share (every world_size-th file) of ``files``."""
     out = {}
@@ -112,16 +93,15 @@ def commit(tmp_dir: Path, env, step: int, extra: dict | None = None, hook=None) 
     parts = env.all_gather_object(hash_files(tmp_dir, files, env.rank, env.world_size))
     if env.is_main:
         manifest = {"step": step, "files": {k: v for part in parts for k, v in part.items()}, **(extra or {})}
-        _write_durable(tmp_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        atomic_write_text(tmp_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         if hook:
             hook("before_marker")
-        _write_durable(tmp_dir / MARKER, json.dumps({"step": step, "time": time.time()}))
+        atomic_write_text(tmp_dir / MARKER, json.dumps({"step": step, "time": time.time()}))
         if final.exists():  # a stale copy of the same step (e.g. after a rollback): move it aside
             final.rename(final.with_name(f"{final.name}.replaced-{int(time.time())}"))
         os.rename(tmp_dir, final)
-        _fsync_dir(final.parent)
-        _write_durable(final.parent / LATEST, final.name + "\n")
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
+        atomic_write_text(final.parent / LATEST, final.name + "\n")  # fsyncs the parent again
     env.barrier()
     return final
 
@@ -136,7 +116,7 @@ def verify(directory: Path, env=None) -> tuple[bool, str]:
     else:
         try:
             manifest = json.loads((directory / MANIFEST).read_text())
-            manifest["files"]  # noqa: B018
+            manifest["files"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             reason = f"unreadable {MANIFEST} ({e.__class__.__name__})"
     rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
@@ -194,7 +174,7 @@ def resolve_newest_valid(root: Path, env=None, quarantine: bool = True) -> Path 
     root = Path(root)
     candidates = list_checkpoints(root)
     failures = []
-    for step, path in candidates:
+    for _step, path in candidates:
         ok, reason = verify(path, env)
         if ok:
             if failures:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import save_config
-from ..parallel.launcher_watch import exit_if_launcher_gone
+from ..parent_watch import exit_if_parent_gone
 from .commit import (
     CheckpointError,
     apply_retention,
@@ -92,7 +92,7 @@ class CheckpointManager:
             (tmp / STATE_FILE).write_text(state.to_json())
             save_config(config, tmp / CONFIG_FILE)
         # a rank that outlived its launcher must not publish a step into a run dir a new job may own
-        exit_if_launcher_gone(f"before committing {tmp.name}")
+        exit_if_parent_gone(f"before committing {tmp.name}")
         final = commit(tmp, self.env, step, extra={"backend": backend.name, "world_size": self.env.world_size},
                        hook=self.fault_hook)
         if self.env.is_main:

@@ -2,7 +2,7 @@
 
 Why our own format: DeepSpeed's ZeRO checkpoints only load at the world size that wrote them, and
 its universal-checkpoint converter hard-codes Adam's ``exp_avg``/``exp_avg_sq`` and fails on SGD
-momentum (distributed.md §1.7). This copy is a set of safetensors files:
+momentum (``KeyError: 'exp_avg'`` in ``ds_to_universal.py``). This copy is a set of safetensors files:
 
     portable/index.json                     {"format", "params": {name: file}, "momentum": {...}, "shapes"}
     portable/rank_00000_part_000.safetensors   param::<name> and momentum::<name> tensors, fp32

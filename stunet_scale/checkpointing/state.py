@@ -51,7 +51,7 @@ class TrainerState:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_file(cls, path: Path) -> "TrainerState":
+    def from_file(cls, path: Path) -> TrainerState:
         try:
             data = json.loads(Path(path).read_text())
             if not isinstance(data, dict):

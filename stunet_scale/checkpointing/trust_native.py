@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .commit import MANIFEST, CheckpointError, _write_durable, hash_files, list_files
+from ..atomic_files import atomic_write_text
+from .commit import MANIFEST, CheckpointError, hash_files, list_files
 from .consolidated import clean_key, find_checkpoint
 from .portable import FORMAT, INDEX, MOMENTUM, PARAM, DCPReader, make_team_readable
 from .state import STATE_FILE, TrainerState
@@ -64,7 +65,7 @@ def add_portable_copy(path: str | Path, *, trust_native: bool) -> Path:
     manifest = json.loads((ckpt / MANIFEST).read_text())
     new_files = [f for f in list_files(ckpt) if f.startswith("portable/")]
     manifest["files"].update(hash_files(ckpt, new_files))
-    _write_durable(ckpt / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    atomic_write_text(ckpt / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     return ckpt
 
 

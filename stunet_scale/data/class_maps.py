@@ -33,7 +33,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 _DIR = Path(__file__).with_name("class_maps")
@@ -124,7 +124,7 @@ class ClassMap:
         return {str(i): n for i, n in enumerate(self.labels)}
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_class_map(name: str) -> ClassMap:
     if name not in CLASS_MAP_FILES:
         raise KeyError(f"unknown class map {name!r}; known: {', '.join(CLASS_MAP_FILES)}")

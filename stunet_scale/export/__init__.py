@@ -30,7 +30,7 @@ _LAZY = {
     "load_onnx_network": ".onnx_model",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(_LAZY)  # noqa: PLE0605 - the lazy names, listed once in _LAZY
 
 
 def __getattr__(name: str):

@@ -94,7 +94,7 @@ def convert_spec(spec: ModelSpec, to: str) -> ModelSpec:
 
 
 def to_axis_order(state_dict: MutableMapping[str, torch.Tensor], spec: ModelSpec, to: str, *,
-                  in_place: bool = False) -> tuple["OrderedDict[str, torch.Tensor]", ModelSpec]:
+                  in_place: bool = False) -> tuple[OrderedDict[str, torch.Tensor], ModelSpec]:
     """``(state_dict, spec)`` in convention ``to``. The identity (same tensors) when already there.
 
     ``in_place``: the caller owns the tensors (just read them from a file): each conv weight is

@@ -15,7 +15,7 @@
 Security: torch files are opened with ``weights_only=True`` plus an allow-list of numpy scalar and
 array reconstructors (nnU-Net v1 stores its metrics as numpy floats in ``plot_stuff``). Anything
 else in the pickle - a class, a function call - is refused with an error naming the file and the
-offending globals; there is no fallback to ``weights_only=False`` (reliability.md §4).
+offending globals; there is no fallback to ``weights_only=False`` (tests/test_untrusted_artifacts.py).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 @dataclass
 class Weights:
-    state_dict: "OrderedDict[str, torch.Tensor]"  # fp32 tensors under the released key names
+    state_dict: OrderedDict[str, torch.Tensor]  # fp32 tensors under the released key names
     spec: ModelSpec
     format: str  # safetensors, stunet-v1-model, nnunet-v2-pth, nnunet-folder, state-dict, training-checkpoint
     path: Path
@@ -151,7 +151,7 @@ def _unsafe_globals(path: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def clean_state_dict(sd: dict, source: str | Path = "<memory>") -> "OrderedDict[str, torch.Tensor]":
+def clean_state_dict(sd: dict, source: str | Path = "<memory>") -> OrderedDict[str, torch.Tensor]:
     """Strip wrapper prefixes, check every value is a tensor, make tensors fp32 and contiguous."""
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in sd.items():
@@ -289,7 +289,7 @@ def _read_safetensors(path: Path) -> Weights:
     return w
 
 
-def _released_order(sd: dict, config: ModelConfig) -> "OrderedDict[str, torch.Tensor]":
+def _released_order(sd: dict, config: ModelConfig) -> OrderedDict[str, torch.Tensor]:
     from ..models.stunet import STUNet
 
     with torch.device("meta"):

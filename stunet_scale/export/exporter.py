@@ -39,9 +39,16 @@ from ..tracking import git_revision
 from .axes import TRANSFER_AXIS_ORDER, to_axis_order
 from .checkpoint_io import CheckpointError, Weights, read_weights, safe_torch_load
 from .hf_bundle import build_card, build_config_json, write_safetensors
+from .nnunet_folder import CHECKPOINT_NAME as NNUNET_CHECKPOINT
+from .nnunet_folder import (
+    DEFAULT_DATASET_ID,
+    build_dataset_json,
+    build_plans,
+    dataset_name,
+    nnunet_checkpoint,
+    write_nnunet_folder,
+)
 from .spec import generic_labels
-from .nnunet_folder import (CHECKPOINT_NAME as NNUNET_CHECKPOINT, DEFAULT_DATASET_ID, build_dataset_json, build_plans,
-                            dataset_name, nnunet_checkpoint, write_nnunet_folder)
 
 FORMATS = ("stunet", "nnunet", "safetensors", "onnx")
 # ONNX needs the optional onnx + onnxruntime packages, so it is written only when asked for.
@@ -267,7 +274,7 @@ def _weight_files(out: Path) -> list[Path]:
             if p.suffix in (".model", ".safetensors") or p.name == NNUNET_CHECKPOINT]
 
 
-def reload_one(path: Path) -> "OrderedDict[str, torch.Tensor]":
+def reload_one(path: Path) -> OrderedDict[str, torch.Tensor]:
     """One exported weights file, read back the way its consumers read it (torch files memory-mapped)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -283,7 +290,7 @@ def iter_reloaded(out: Path):
         yield str(p.relative_to(out)), reload_one(p)
 
 
-def reload_all(out: Path) -> dict[str, "OrderedDict[str, torch.Tensor]"]:
+def reload_all(out: Path) -> dict[str, OrderedDict[str, torch.Tensor]]:
     """Every weights file under an export at once (tests and small models; ``iter_reloaded`` streams)."""
     return dict(iter_reloaded(out))
 
@@ -319,7 +326,7 @@ def _verify_file(root: Path, path: Path, sd: dict, log) -> None:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 

@@ -117,10 +117,10 @@ def _add_metadata(path: Path, spec: ModelSpec) -> None:
 
 def real_geometry_patch(spec: ModelSpec, seed: int = 0) -> np.ndarray:
     """One normalised patch ``[in_channels, *patch_size]`` of a CT phantom, through predict's own
-    preprocessing at the model's spacing: the value range and flat regions a real scan gives the
+    preprocessing (``model_input.preprocess``) at the model's spacing: the value range and flat regions a real scan gives the
     network (instance norm over organs and air), unlike Gaussian noise."""
-    from ..data.demo import phantom
-    from ..predict import preprocess
+    from ..data.ingest.demo import phantom
+    from .model_input import preprocess
 
     zyx = spec.axis_order == "ras_zyx"
     spacing_ras = list(spec.spacing)[::-1] if zyx else list(spec.spacing)

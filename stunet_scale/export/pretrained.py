@@ -3,7 +3,7 @@
     model = stunet_scale.load_pretrained("exports/stunet_b", in_channels=2, num_classes=14)
     print(model.load_report)          # which keys were loaded, adapted, skipped, and why
 
-What a transfer does (STU-Net's ``run_finetuning*.py``, stunet_recipe.md §3, made explicit):
+What a transfer does (STU-Net's ``run_finetuning*.py``, made explicit):
 
 * **New label set.** When ``num_classes`` differs from the checkpoint (or ``reinit_heads=True``)
   every ``seg_outputs.*`` key is skipped and the heads keep their fresh He init. The report lists

@@ -15,7 +15,7 @@ Axis order. Our prepared stores hold RAS-reoriented volumes with numpy axes (x, 
 (``data_shards/README.md``): ``axis_order="ras_xyz"``. The released STU-Net models were trained by
 nnU-Net v1, which reads images with SimpleITK: numpy axes (z, y, x) of the file's voxel grid, and
 TotalSegmentator ships RAS files, so they saw ``axis_order="ras_zyx"``; their plans pool the last
-(x) axis only in the fifth down-sampling (``[[2,2,2]]*4 + [[1,1,2]]``, stunet_recipe.md §1.1).
+(x) axis only in the fifth down-sampling (``[[2,2,2]]*4 + [[1,1,2]]``, the release's plans.pkl).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ NORMALIZATIONS = ("zscore", "ct")
 CROPS = ("body", "nonzero", "none")
 INTERPOLATIONS = ("cubic", "linear")
 
-# What the STU-Net release was trained with (stunet_recipe.md §1.1, §1.4, §2): plans.pkl of *_ep4k.model.
+# What the STU-Net release was trained with: the plans.pkl next to its *_ep4k.model checkpoints.
 RELEASED_POOL_STRIDES = [[2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 2]]
 RELEASED_SPACING = [1.5, 1.5, 1.5]
 RELEASED_PATCH = [128, 128, 128]
@@ -98,7 +98,7 @@ class ModelSpec:
         return {"format": SPEC_FORMAT, **_plain(dataclasses.asdict(self))}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelSpec":
+    def from_dict(cls, data: dict) -> ModelSpec:
         data = dict(data)
         fmt = data.pop("format", SPEC_FORMAT)
         if fmt != SPEC_FORMAT:
@@ -109,7 +109,7 @@ class ModelSpec:
             raise ValueError(f"unknown model spec keys {sorted(unknown)}")
         return cls(**data)
 
-    def with_heads(self, num_classes: int, in_channels: int | None = None) -> "ModelSpec":
+    def with_heads(self, num_classes: int, in_channels: int | None = None) -> ModelSpec:
         """The spec after a head (and/or input) change: labels are only kept when the count matches."""
         model = dict(self.model, num_classes=int(num_classes))
         if in_channels is not None:
@@ -138,7 +138,7 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-# What ``stunet-scale prepare`` writes into a store's manifest.json (stunet_scale/data/prepare.py,
+# What ``stunet-scale prepare`` writes into a store's manifest.json (stunet_scale/data/ingest/prepare.py,
 # ``finalize``) and the fields read here:
 #   class_map:     {"name": str, "labels": [name of output k, ...], "num_classes": int, ...}
 #   preprocessing: {"crop": body|nonzero|none, "image_interpolation": cubic|linear, "target_spacing": [...], ...}

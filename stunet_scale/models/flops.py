@@ -9,7 +9,7 @@ reference table (STU-Net's README quotes MACs, i.e. half of these).
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -66,7 +66,7 @@ def train_step_flops(size_or_config: str | ModelConfig, patch_size=(128, 128, 12
     return 3 * forward_flops(size_or_config, patch_size, batch_size, **overrides)
 
 
-@lru_cache(maxsize=None)
+@cache
 def preset_table() -> dict[str, dict[str, int]]:
     """Params and forward FLOPs per 1x1x128^3 patch for S/B/L/H, 1 input channel, 105 classes."""
     from .stunet import PRESETS

@@ -12,97 +12,13 @@ release load with ``load_state_dict(strict=True)``. That contract is pinned by
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-# One size dial. Everything else about a preset follows from these two numbers:
-# widths are base_width x [1, 2, 4, 8, 16, 16] and every stage (encoder and decoder) has
-# blocks_per_stage residual blocks. Parameter counts match the released S/B/L/H exactly.
-PRESETS: dict[str, dict[str, int]] = {
-    "S": {"base_width": 16, "blocks_per_stage": 1},  # 14,596,941 params
-    "B": {"base_width": 32, "blocks_per_stage": 1},  # 58,262,669 params
-    "L": {"base_width": 64, "blocks_per_stage": 2},  # 440,302,605 params
-    "H": {"base_width": 96, "blocks_per_stage": 3},  # 1,457,326,221 params
-}
-
-# Names used by the STU-Net release (``small_ep4k.model`` ...), handy when reading their files.
-RELEASE_NAMES = {"S": "small", "B": "base", "L": "large", "H": "huge"}
-
-
-@dataclass
-class ModelConfig:
-    """Architecture of one STU-Net. ``size`` picks a preset; explicit fields override it."""
-
-    size: str | None = "B"  # preset S/B/L/H; null to give base_width and blocks_per_stage yourself
-    base_width: int | None = None  # channels of stage 0 (preset when null)
-    blocks_per_stage: int | list[int] | None = None  # residual blocks per stage (preset when null)
-    width_multipliers: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 16])
-    in_channels: int = 1  # image channels (1 for CT)
-    num_classes: int = 105  # output channels incl. background (105 = STU-Net's TotalSegmentator v1 head)
-    pool_strides: list[list[int]] = field(default_factory=lambda: [[2, 2, 2]] * 5)  # one per down-sampling
-    kernel_sizes: list[list[int]] = field(default_factory=lambda: [[3, 3, 3]] * 6)  # one per stage
-    deep_supervision: bool = True  # return one logit map per decoder stage (full res first)
-
-    def resolved(self) -> "ModelConfig":
-        """A copy with preset values filled in and every field checked; raises naming the key."""
-        base_width, blocks = self.base_width, self.blocks_per_stage
-        if self.size is not None:
-            size = str(self.size).upper()
-            if size not in PRESETS:
-                raise ValueError(f"model.size={self.size!r} is not a preset; use one of {sorted(PRESETS)} or null")
-            base_width = PRESETS[size]["base_width"] if base_width is None else base_width
-            blocks = PRESETS[size]["blocks_per_stage"] if blocks is None else blocks
-        else:
-            size = None
-        if base_width is None or blocks is None:
-            raise ValueError("model.size is null, so model.base_width and model.blocks_per_stage must both be set")
-        stages = len(self.width_multipliers)
-        if stages < 2:
-            raise ValueError("model.width_multipliers needs at least 2 stages")
-        if isinstance(blocks, int):
-            blocks = [blocks] * stages
-        blocks = list(blocks)
-        if len(blocks) != stages or any(b < 1 for b in blocks):
-            raise ValueError(f"model.blocks_per_stage must be one int >= 1 or {stages} of them, got {blocks}")
-        if len(self.pool_strides) != stages - 1:
-            raise ValueError(
-                f"model.pool_strides needs {stages - 1} entries (one per down-sampling between {stages} stages), "
-                f"got {len(self.pool_strides)}"
-            )
-        if len(self.kernel_sizes) != stages:
-            raise ValueError(f"model.kernel_sizes needs {stages} entries (one per stage), got {len(self.kernel_sizes)}")
-        for name, triples in (("pool_strides", self.pool_strides), ("kernel_sizes", self.kernel_sizes)):
-            for t in triples:
-                if len(t) != 3 or any(int(v) < 1 for v in t):
-                    raise ValueError(f"model.{name} entries must be 3 positive ints, got {t}")
-        if any(k % 2 == 0 for t in self.kernel_sizes for k in t):
-            raise ValueError("model.kernel_sizes must be odd so 'same' padding keeps shapes")
-        if self.in_channels < 1 or self.num_classes < 1 or base_width < 1:
-            raise ValueError("model.in_channels, model.num_classes and model.base_width must be >= 1")
-        return replace(
-            self,
-            size=size,
-            base_width=int(base_width),
-            blocks_per_stage=[int(b) for b in blocks],
-            pool_strides=[[int(v) for v in t] for t in self.pool_strides],
-            kernel_sizes=[[int(v) for v in t] for t in self.kernel_sizes],
-        )
-
-    @property
-    def widths(self) -> list[int]:
-        cfg = self.resolved()
-        return [cfg.base_width * m for m in cfg.width_multipliers]
-
-    @property
-    def patch_divisor(self) -> list[int]:
-        """A patch edge must be a multiple of this per axis (product of all pool strides)."""
-        div = [1, 1, 1]
-        for stride in self.resolved().pool_strides:
-            div = [d * s for d, s in zip(div, stride)]
-        return div
+from .model_config import PRESETS, RELEASE_NAMES, ModelConfig  # noqa: F401 - re-exported for callers of the model
 
 
 class BasicResBlock(nn.Module):
@@ -154,7 +70,7 @@ def _stage(in_ch: int, out_ch: int, blocks: int, kernel: list[int], stride: list
 class _DecoderFlag(nn.Module):
     """No parameters. nnU-Net v2 toggles ``network.decoder.deep_supervision``; this is where that lands."""
 
-    def __init__(self, owner: "STUNet"):
+    def __init__(self, owner: STUNet):
         super().__init__()
         self._owner = [owner]  # a list so the owner is not registered as a child (no cycle in modules())
 

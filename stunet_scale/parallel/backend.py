@@ -291,29 +291,3 @@ class TorchBackend(Backend):
     def load_extra_state(self, state):
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
-
-
-def build_backend(module: nn.Module, cfg, env: DistEnv, grad_accumulation: int) -> Backend:
-    """Wrap ``module`` (already initialised or loaded) for ``cfg.distributed.backend``."""
-    kind = cfg.distributed.backend
-    prepare_module(module, cfg.distributed)
-    if kind == "none":
-        if env.world_size > 1:
-            from ..config import ConfigError
-
-            raise ConfigError(
-                f"distributed.backend=none runs one process but {env.world_size} were launched; "
-                "set distributed.backend=ddp, fsdp2 or deepspeed"
-            )
-        return TorchBackend(module, cfg, env, grad_accumulation, ddp=False)
-    if kind == "ddp":
-        return TorchBackend(module, cfg, env, grad_accumulation, ddp=True)
-    if kind == "fsdp2":
-        from .fsdp2 import FSDP2Backend
-
-        return FSDP2Backend(module, cfg, env, grad_accumulation)
-    if kind == "deepspeed":
-        from .deepspeed_engine import DeepSpeedBackend
-
-        return DeepSpeedBackend(module, cfg, env, grad_accumulation)
-    raise ValueError(f"unknown distributed.backend {kind!r}")

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO stage 0-3 with a torch SGD, and the DeepSpeed config we build for STU-Net.
 
-Choices for a 3D conv net (distributed.md §1), written as integers because accelerate's "auto"
+Choices for a 3D conv net (the README's "ZeRO-3 settings for a conv net"), written as integers because accelerate's "auto"
 needs a transformer hidden size and DeepSpeed's defaults are tuned for LLMs:
 
 * ``stage3_param_persistence_threshold = 1e5`` elements: InstanceNorm affine weights, conv
@@ -13,7 +13,7 @@ needs a transformer hidden size and DeepSpeed's defaults are tuned for LLMs:
 * ``gradient_clipping`` explicit from ``optim.grad_clip`` (accelerate's "auto" would give 1.0;
   nnU-Net clips at 12).
 * ``stage3_module_granularity_threshold`` and leaf modules are left off: both crashed in backward
-  with conv + InstanceNorm blocks (distributed.md §1.1).
+  with conv + InstanceNorm blocks (shape mismatches; tried on CPU with DeepSpeed 0.19.8, torch 2.15).
 * ``torch_autocast`` instead of ``bf16``: the ``bf16`` block casts every parameter (InstanceNorm
   included) to bf16; autocast keeps fp32 parameters and still all-gathers conv weights in bf16
   (DeepSpeed's "lower precision safe modules").
@@ -307,7 +307,7 @@ class DeepSpeedBackend(Backend):
         """Momentum at any world size: materialise SGD state with a no-op step, then overwrite.
 
         SGD creates momentum buffers lazily on its first step, and DeepSpeed's universal
-        checkpoint converter only knows Adam's keys (distributed.md §1.7). A zero-loss step with
+        checkpoint converter only knows Adam's keys (``ds_to_universal.py``: KeyError 'exp_avg'). A zero-loss step with
         lr=0 creates the buffers without moving any parameter (p -= 0 * update is exact); then
         each rank writes its slice: ZeRO-3 through ``safe_set_local_optimizer_state`` with a
         manually padded partition (``safe_set_full_*`` overruns when numel % world != 0),

@@ -252,7 +252,7 @@ def exit_rank_process(code: int) -> int:
     os._exit(code)
 
 
-# A hung rank or pipeline (reliability.md §6 row 14): the step watchdog, or a collective that timed
+# A hung rank or pipeline (row 14 of the README's Reliability checks): the step watchdog, or a collective that timed
 # out waiting for a hung peer, ends the rank with this code after dumping every thread's stack to
 # <run_dir>/hang/rank_NNNNN.txt. 124 is what timeout(1) returns for "ran out of time".
 EXIT_HANG = 124
@@ -339,7 +339,7 @@ class StepWatchdog:
                 if self.on_hang is not None:
                     try:
                         self.on_hang(reason)
-                    except Exception as e:  # noqa: BLE001 - the exit must happen whatever the callback does
+                    except Exception as e:
                         logging.getLogger("stunet_scale.train").warning("on_hang failed: %s", e)
                 exit_now(EXIT_HANG)
 
@@ -369,7 +369,8 @@ def hostname() -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# cuDNN sanity for bf16 conv3d (the slow/wrong-result versions are real: see distributed.md §0.7)
+# cuDNN sanity for bf16 conv3d (torch 2.9.0 runs it without cuDNN, ~4x slower: pytorch#166122; cuDNN 9.8-9.10 gives
+# wrong results: pytorch#163539)
 # --------------------------------------------------------------------------------------------
 
 # cuDNN 9.8-9.10 produce silently wrong bf16 conv3d results (pytorch/pytorch#163539).

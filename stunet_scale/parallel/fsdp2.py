@@ -8,14 +8,14 @@ more memory, one all-gather per step less).
 Precision: parameters stay fp32 (no ``MixedPrecisionPolicy.param_dtype``) and ``torch.autocast``
 picks per-op precision, so InstanceNorm affine weights are never rounded to bf16 and the
 gradient reduce-scatter is fp32. This doubles all-gather bytes compared to bf16 params; for
-L/H on NVLink that traffic overlaps with compute (distributed.md §5.2).
+L/H on NVLink that traffic overlaps with compute (the README's Capacity planning: gradient traffic model).
 
 Checkpoints: ``torch.distributed.checkpoint`` (DCP) of model + optimizer state. DCP reshards on
-load, so a run saved on 2 ranks resumes on 1 or 3 with exact SGD momentum (distributed.md §1.7).
+load, so a run saved on 2 ranks resumes on 1 or 3 with exact SGD momentum (tests/test_train_distributed.py
+checks 2 -> 1 and 1 -> 2 ranks).
 """
 
 from __future__ import annotations
-
 
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -50,7 +50,7 @@ class FSDP2Backend(Backend):
 
     def after_eval(self):
         # After a no_grad forward the root's params stay unsharded plain Parameters, which the
-        # optimizer and DCP would not recognise (distributed.md §4.1); shard them again.
+        # optimizer and DCP would not recognise (fully_shard leaves the root unsharded after forward); shard them again.
         self.model.reshard()
 
     def backward(self, loss):

@@ -6,12 +6,12 @@ nothing reaches them: they used to train on to the end and write checkpoints int
 requeued job may already be using. ``accelerate launch`` with several processes runs the same
 torchrun code in-process, so it behaves the same.
 
-How a rank notices: a daemon thread compares ``os.getppid()`` with the parent recorded at start-up,
-every ``POLL_S`` seconds. When a parent exits, the kernel re-parents its children at once (to init
-or the nearest subreaper), so a changed ppid is proof the launcher is gone. The thread then logs one
-line and calls ``os._exit`` — no checkpoint, no metrics row, no MLflow call runs after it — and the
-checkpoint commit checks the same condition right before it publishes a step (``exit_if_launcher_gone``),
-so a save in flight at the kill is never committed by a rank that outlived its launcher.
+How a rank notices: the ppid watch of stunet_scale/parent_watch.py, a daemon thread that compares
+``os.getppid()`` with the launcher's pid recorded at start-up and ends the process with one log line
+and ``os._exit`` — no checkpoint, no metrics row, no MLflow call runs after it. The checkpoint commit
+checks the same condition right before it publishes a step (``exit_if_parent_gone``), so a save in
+flight at the kill is never committed by a rank that outlived its launcher. This module decides
+*which* parent a rank watches, and adds PDEATHSIG under torchrun.
 
 Why not ``prctl(PR_SET_PDEATHSIG)`` alone: the signal fires when the parent *thread* that forked us
 exits, not the parent process (prctl(2)), so a launcher that starts workers from a helper thread
@@ -45,18 +45,10 @@ Such a rank then hangs at its first collective until ``distributed.timeout_s`` e
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-import threading
 
-log = logging.getLogger("stunet_scale.parallel")
-
-POLL_S = 0.5
-EXIT_LAUNCHER_GONE = 1  # nobody is left to read it; 1 = "failed", as for any uncaught error
-
-_watched: tuple[int, str] | None = None  # (launcher pid, what it is) once start_launcher_watch() ran
-_started = False
+from ..parent_watch import WatchedParent, exit_if_parent_gone, start_parent_watch, watched_parent
 
 
 def _parent_name(pid: int) -> str:
@@ -80,28 +72,6 @@ def launcher_to_watch(environ=None, ppid: int | None = None) -> tuple[int, str] 
     return None
 
 
-def launcher_gone() -> bool:
-    return _watched is not None and os.getppid() != _watched[0]
-
-
-def exit_if_launcher_gone(what: str = "") -> None:
-    """End this process now if its launcher died (call right before publishing anything)."""
-    if launcher_gone():
-        _exit(what)
-
-
-def _exit(what: str) -> None:
-    pid, name = _watched
-    msg = (f"rank process {os.getpid()}: its launcher ({name}, pid {pid}) is gone (parent is now {os.getppid()}); "
-           f"exiting without writing{' (' + what + ')' if what else ''}\n")
-    try:  # stderr may be a pipe nobody reads any more
-        sys.stderr.write(msg)
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
-    os._exit(EXIT_LAUNCHER_GONE)
-
-
 def _arm_parent_death_signal() -> bool:
     """prctl(PR_SET_PDEATHSIG, SIGKILL) on Linux; False where it is not available."""
     if not sys.platform.startswith("linux"):
@@ -116,40 +86,13 @@ def _arm_parent_death_signal() -> bool:
         return False
 
 
-def _watch_loop() -> None:
-    stop = threading.Event()
-    while not stop.wait(POLL_S):
-        if launcher_gone():
-            _exit("noticed by the launcher watch")
-
-
 def start_launcher_watch(environ=None) -> tuple[int, str] | None:
     """Record the launcher (if any) and start the watch thread once per process; returns what is watched."""
-    global _watched, _started
-    if _started:
-        return _watched
-    _started = True
-    target = launcher_to_watch(environ)
-    if target is None:
-        return None
-    _watched = target
     env = os.environ if environ is None else environ
-    if env.get("TORCHELASTIC_RUN_ID") and _arm_parent_death_signal():
-        exit_if_launcher_gone("found right after arming PR_SET_PDEATHSIG")
-    threading.Thread(target=_watch_loop, name="launcher-watch", daemon=True).start()
-    return target
-
-
-def exit_with_parent(name: str) -> None:
-    """End this process (without writing) when its parent dies: for pool workers, e.g. `prepare`'s.
-
-    A ProcessPoolExecutor worker holds its own ends of the pool's pipes, so a SIGKILLed parent
-    never gives it EOF: it would sleep forever, or finish the case it was on while a rerun of
-    `prepare` writes the same outputs. Same ppid watch as for ranks; ``name`` goes into the log line.
-    """
-    global _watched, _started
-    if _started:
-        return
-    _started = True
-    _watched = (os.getppid(), name)
-    threading.Thread(target=_watch_loop, name="parent-watch", daemon=True).start()
+    target = launcher_to_watch(environ)
+    launcher = None if target is None else WatchedParent(*target, role="launcher", me="rank process")
+    if start_parent_watch(launcher, "launcher-watch") and launcher is not None:
+        if env.get("TORCHELASTIC_RUN_ID") and _arm_parent_death_signal():
+            exit_if_parent_gone("found right after arming PR_SET_PDEATHSIG")
+    watched = watched_parent()
+    return None if watched is None else (watched.pid, watched.name)

@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from . import EXIT_CONFIG
+from .exit_codes import EXIT_CONFIG
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,13 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
-def main(argv: list[str] | None = None, data=None) -> int:
+def main(argv: list[str] | None = None, data=None, memory_check=None) -> int:
+    """Load and validate the config, then dry-run or train; returns the exit code.
+
+    ``data``: the Trainer's data-source factory (None = the prepared store of ``data.root``); a stand-in
+    skips the store checks. ``memory_check``: the planner's lines for ``--dry-run`` (``cli.py`` passes
+    ``planning.dry_run_memory_check``; this package does not import the planner).
+    """
     from ..config import ConfigError, load_config
 
     args = build_parser().parse_args(argv)
@@ -58,14 +64,18 @@ def main(argv: list[str] | None = None, data=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.dry_run:  # one process, no ranks started: stunet_scale.planning checks the config for W ranks
-        from ..planning import dry_run
+    if args.dry_run:  # one process, no ranks started: the ranks' validate() for --world-size ranks, then a summary
+        from .dry_run import dry_run
 
-        return int(dry_run(cfg, args.world_size) or 0)
+        return dry_run(cfg, args.world_size, memory_check=memory_check)
     from ..parallel.distributed import exit_rank_process
     from .loop import run
+    from .preflight import validate
 
     try:
+        # Every rank, before the Trainer, any process group, backend or MLflow run exists: the same
+        # checks as --dry-run, so a refused config costs seconds and leaves nothing behind.
+        validate(cfg, data=data)
         code = run(cfg, data=data, argv=None if argv is None else ["python", "-m", "stunet_scale.train", *argv])
     except ConfigError as e:
         logging.getLogger("stunet_scale.train").error("config error: %s", e)

@@ -1,9 +1,11 @@
 """The trainer: build everything from one config, then an explicit loop.
 
-Reading order: ``Trainer.train()`` (the loop, one screen), ``train_step()`` (forward/backward/step
-with the collective non-finite check), then the helpers it calls: ``_save``, ``_rollback``,
-``_validate``, ``_log``. Everything distributed lives behind ``self.backend``
-(stunet_scale.parallel) and ``self.env`` (rank, world size, tiny collectives).
+Reading order: ``Trainer.train()`` (the loop, one screen), ``_after_step()`` (the decisions after
+a step: rollback, validate, save, stop), ``train_step()`` (forward/backward/step with the collective
+non-finite check), then the helpers they call: ``_save``, ``_rollback``, ``_validate``, ``_log``.
+Everything distributed lives behind ``self.backend`` (stunet_scale.parallel) and ``self.env`` (rank,
+world size, tiny collectives); everything the run writes about itself (run files, metrics.jsonl,
+plots, MLflow, console) behind ``self.report`` (run_report.py): the Trainer decides, the report records.
 
 Step semantics: ``state.step`` counts optimizer steps *attempted*; it is the position in the
 sample plan (sample index = step * global_batch + position), so a skipped step still consumes its
@@ -14,41 +16,55 @@ between the two is skipped, not replayed.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import shutil
 import signal
 import statistics
-import sys
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 import torch
 
 from .. import config as config_mod
-from ..checkpointing.commit import (CheckpointError, NoValidCheckpoint, list_checkpoints, resolve_newest_valid,
-                                    step_dirname, verify)
+from ..checkpointing.commit import (
+    CheckpointError,
+    NoValidCheckpoint,
+    list_checkpoints,
+    resolve_newest_valid,
+    step_dirname,
+    verify,
+)
 from ..checkpointing.manager import CheckpointManager, ResumePlan
 from ..checkpointing.portable import state_norms
 from ..checkpointing.state import STATE_FILE, TrainerState, check_same_plan, restore_rng, seed_everything
-from ..config import TrainConfig, flatten, world_batch_arithmetic
-from ..models import build_stunet, train_step_flops
-from ..parallel.backend import build_backend
-from ..parallel.distributed import (EXIT_HANG, StepWatchdog, check_cudnn_conv3d, dump_all_stacks, hang_dump_path,
-                                    hostname, init_distributed, is_collective_timeout, shutdown)
-from ..tracking import (Console, MetricsLog, Tracker, end_open_runs, git_revision, peak_rss_bytes, plot_class_dice,
-                        plot_preview, plot_progress)
-from . import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
-from .faults import Faults
-from .run_lease import hold_run_lease, release_held
-from .preflight import disk_full_message, is_disk_full, preflight
+from ..config import StreamConfig, TrainConfig, world_batch_arithmetic
+from ..data.stream.loader import StoreDataSource
+from ..data.stream.source import DataSource, DataSourceFactory
+from ..faults import Faults
+from ..models import build_stunet
+from ..parallel.distributed import (
+    EXIT_HANG,
+    StepWatchdog,
+    check_cudnn_conv3d,
+    dump_all_stacks,
+    hang_dump_path,
+    init_distributed,
+    is_collective_timeout,
+    shutdown,
+)
+from ..parallel.wrap import build_backend
+from ..tracking import end_open_runs
+from .exit_codes import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE
 from .loss import DiceCELoss
+from .preflight import disk_full_message, is_disk_full
+from .run_lease import hold_run_lease, release_held
+from .run_report import RunReport
 from .schedule import Schedule, resume_step
-from .validate import SURFACE_KEYS, Validator
+from .stragglers import StragglerWatch
+from .validate import Validator
 
 log = logging.getLogger("stunet_scale.train")
 
@@ -64,10 +80,11 @@ class DiskFull(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data=None, argv: list[str] | None = None):
+    def __init__(self, cfg: TrainConfig, data: DataSourceFactory | None = None, argv: list[str] | None = None):
         self.cfg = cfg
         self.schedule = Schedule.from_config(cfg)
-        self.data = data or importlib.import_module("stunet_scale.data.loader")
+        # the data enters here, as an object with a typed interface (data/stream/source.py); tests pass stand-ins
+        self.data: DataSource = (data or StoreDataSource)(StreamConfig.of(cfg))
         self.env = init_distributed(cfg.distributed.timeout_s, cfg.run_dir,
                                     need_group=cfg.distributed.backend in ("deepspeed", "fsdp2"))
         env = self.env
@@ -77,17 +94,11 @@ class Trainer:
         hold_run_lease(self.run_dir, cfg.lease, env)
         self.grad_accumulation = world_batch_arithmetic(cfg, env.world_size)["grad_accumulation"]
         self.faults = Faults.from_env(env.rank)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", env.is_main)
+        self.report = RunReport(cfg, env, self.run_dir, self.schedule)  # what the run writes about itself
         self._preempt_signal: int | None = None
         self._last_full_val: int | None = None
-        # single steps are noisy (one global batch); the mean over the log interval is not
-        self._recent_losses: deque[float] = deque(maxlen=cfg.tracking.log_every_steps)
         self._t_start = time.time()
-        # two subprocesses: once, on rank 0, for the run records and the checkpoints' state
-        self.git_revision = env.broadcast_object(git_revision() if env.is_main else None)
-        if env.is_main:
-            self._write_run_files(argv)
-        env.barrier()
+        self.git_revision = self.report.launched(argv)  # run files written; the revision also goes into checkpoints
         self._configure_torch()
 
         # ---- resume or start: decide before building anything ----
@@ -113,25 +124,15 @@ class Trainer:
         self.state.git_revision = self.git_revision
 
         self.loss_fn = DiceCELoss.from_config(cfg.loss)
-        self.flops_per_sample = train_step_flops(cfg.model, tuple(cfg.data.patch_size), 1)
         run_name = cfg.tracking.run_name or self.run_dir.name
-        self.tracker = Tracker(cfg.tracking, self.run_dir, env.rank, run_id=self.state.mlflow_run_id,
-                               run_name=run_name, params=flatten(cfg) if env.is_main else None,
-                               tags={"git_revision": self.git_revision or "unknown", "backend": cfg.distributed.backend,
-                                     "world_size": env.world_size})
-        self.state.mlflow_run_id = env.broadcast_object(self.tracker.run_id)
-        self.state.run_name = run_name
-        if env.is_main and self.tracker.enabled:
-            self.tracker.log_artifact(self.run_dir / "config.yaml", "config")
+        run_id = self.report.start_tracking(self.state.mlflow_run_id, run_name, self.git_revision)
+        self.state.mlflow_run_id, self.state.run_name = env.broadcast_object(run_id), run_name
         self.validator = Validator(cfg, self.backend, env, self.data, self.run_dir, class_names(cfg))
         self._install_signal_handlers()
         # armed only while a step (data included) runs: see StepWatchdog; paused for saves and validation
         self.watchdog = StepWatchdog(cfg.distributed.timeout_s, self.run_dir, env.rank,
                                      on_hang=lambda reason: end_open_runs("FAILED", f"hang: {reason}"))
-        # straggler detection: [data wait, compute, steps] of this log window; hosts gathered once
-        self._straggler_window = [0.0, 0.0, 0]
-        self._slow_windows: dict[int, int] = {}
-        self._rank_hosts = env.all_gather_object(hostname()) if env.world_size > 1 else [hostname()]
+        self.stragglers = StragglerWatch(cfg.tracking, env, self.report.record)  # collective: gathers the hosts
         log.info("%s on %d rank(s) (%s), grad accumulation %d, %s, step %d/%d",
                  cfg.distributed.backend, env.world_size, env.launcher, self.grad_accumulation,
                  cfg.distributed.precision, self.state.step, self.schedule.stop_step)
@@ -143,20 +144,20 @@ class Trainer:
     def train(self) -> int:
         cfg, env, sched = self.cfg, self.env, self.schedule
         stop = sched.stop_step
-        console = Console(stop, self.state.step, cfg.tracking.log_every_steps, env.is_main)
+        self.report.open_console(self.state.step)
         if self.state.step >= stop:
             # The final checkpoint exists, but what follows it may not have run: a job killed during
             # its final validation, or preempted at its last step by an older version, is requeued
             # into this branch. Finishing here is idempotent for a run that did complete.
             log.info("nothing to train: the run is at step %d of %d", self.state.step, stop)
             self._final_validation()
-            self._finish(console, "FINISHED")
+            self.report.finished("FINISHED")
             return EXIT_OK
-        last_saved = self.state.step
+        self._last_saved = self.state.step
         try:
             while self.state.step < stop:  # re-entered only after a rollback
-                stream = self.data.build_train_stream(cfg, rank=env.rank, world_size=env.world_size,
-                                                      start_step=self.state.step, device=self.backend.device)
+                stream = self.data.train_stream(rank=env.rank, world_size=env.world_size, start_step=self.state.step,
+                                                device=self.backend.device)
                 try:
                     self._check_plan(stream)
                     self.watchdog.kick()
@@ -171,31 +172,10 @@ class Trainer:
                         self.state.stream = stream.state_dict()
                         m.update(step=step + 1, data_wait=data_wait, step_time=time.perf_counter() - t_data,
                                  local_compute=self._t_first_collective - self._t_ready)
-                        preempt = m.pop("preempt", None)  # agreed on in the step's metrics reduction
-                        rollback = self._account(m)
-                        self._log(m, console)
-                        self._check_stragglers(m)
-                        if rollback:
-                            break
-                        validated = self._epoch_end(step + 1)
-                        if validated:
-                            self.watchdog.pause()
-                            self._validate(step + 1)
-                        if preempt is None or validated:  # a skipped step had no reduction; a signal may come during validation
-                            preempt = env.any(self._preempt_signal is not None)  # one rank's signal stops all
-                        done = self.state.step >= stop
-                        if preempt or done or self.state.step % cfg.checkpoint.every_steps == 0:
-                            if self.state.step != last_saved:
-                                self.watchdog.pause()
-                                self._save()
-                                last_saved = self.state.step
-                            # a signal that arrived during the save is honoured now: no extra step, no second save
-                            preempt = preempt or env.any(self._preempt_signal is not None)
-                        # The last step's checkpoint is saved either way; a requeue would find nothing
-                        # to train, so finish (final validation, tracking run closed) instead.
-                        if preempt and not done:
-                            return self._preempted(console)
-                        if done:
+                        outcome = self._after_step(m)
+                        if outcome == "preempted":
+                            return self._preempted()
+                        if outcome is not None:  # "rollback" or "done"
                             break
                         self.watchdog.kick()
                         t_data = time.perf_counter()
@@ -207,15 +187,48 @@ class Trainer:
                     if self.state.step >= stop:
                         # the bad range ran to the end: save, or a rerun would resume at the target and train it again
                         self._save()
-                    last_saved = self.state.step
+                    self._last_saved = self.state.step
             self._final_validation()
-            self._finish(console, "FINISHED")
+            self.report.finished("FINISHED")
             return EXIT_OK
         except Diverged as e:
             if env.is_main:
                 log.error("%s", e)
-            self._finish(console, "FAILED")
+            self.report.finished("FAILED")
             return EXIT_DIVERGED
+
+    def _after_step(self, m: dict) -> str | None:
+        """Counters, logs, validation, checkpoint and the stop decisions after one step (the same on every rank).
+
+        Returns None to go on, "rollback" (K consecutive skipped steps), "done" (the last step,
+        saved) or "preempted" (a signal on some rank; the checkpoint of this step is committed).
+        """
+        env, step = self.env, self.state.step
+        preempt = m.pop("preempt", None)  # agreed on in the step's metrics reduction
+        rollback = self._account(m)
+        self._log(m)
+        self.stragglers.step(m)
+        if rollback:
+            return "rollback"
+        validated = self._epoch_end(step)
+        if validated:
+            self.watchdog.pause()
+            self._validate(step)
+        if preempt is None or validated:  # a skipped step had no reduction; a signal may come during validation
+            preempt = env.any(self._preempt_signal is not None)  # one rank's signal stops all
+        done = step >= self.schedule.stop_step
+        if preempt or done or step % self.cfg.checkpoint.every_steps == 0:
+            if step != self._last_saved:
+                self.watchdog.pause()
+                self._save()
+                self._last_saved = step
+            # a signal that arrived during the save is honoured now: no extra step, no second save
+            preempt = preempt or env.any(self._preempt_signal is not None)
+        # The last step's checkpoint is saved either way; a requeue would find nothing to train,
+        # so finish (final validation, tracking run closed) instead.
+        if preempt and not done:
+            return "preempted"
+        return "done" if done else None
 
     def train_step(self, step: int, micro_batches: list[dict]) -> dict:
         """Forward/backward over the micro-batches of one global batch, then one optimizer step.
@@ -377,10 +390,7 @@ class Trainer:
         self.state.skipped_nonfinite, self.state.skipped_spikes, self.state.mlflow_run_id = keep
         self.state.step, self.state.samples_seen = bad_step, self.schedule.samples_seen(bad_step)
         self.state.rollbacks = history + [record]
-        if self.env.is_main:
-            with open(self.run_dir / "rollbacks.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            self.metrics.write({"kind": "rollback", **record})
+        self.report.rollback(record)
 
     def _rollback_target(self) -> Path | None:
         """Newest valid checkpoint whose state was saved outside a skip streak; else the newest valid one.
@@ -456,13 +466,7 @@ class Trainer:
         self.state.step = step
         self.state.consecutive_skips = 0
         norms = state_norms(self.backend, env) if os.environ.get("STUNET_LOG_RESUME_NORMS") else {}
-        if env.is_main:
-            log.info("resumed from %s at step %d (%d samples; %s, %s)", plan.path, step, saved.samples_seen,
-                     plan.mode, plan.reason)
-            self._warn_config_drift(plan.path)
-            self.metrics.write(
-                {"kind": "resume", "step": step, "from": str(plan.path), "mode": plan.mode,
-                 "saved_world_size": saved.world_size, "world_size": env.world_size, "saved_norms": saved.norms, **norms})
+        self.report.resumed(plan, step, norms)
 
     def _save(self) -> None:
         self.state.elapsed_s += time.time() - self._t_start
@@ -478,8 +482,7 @@ class Trainer:
             tmp = self.ckpt.root / (step_dirname(self.state.step) + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             raise DiskFull(disk_full_message(tmp, self.cfg)) from e
-        if self.env.is_main:
-            self.metrics.write({"kind": "checkpoint", "step": self.state.step, "path": str(path), "norms": norms})
+        self.report.record({"kind": "checkpoint", "step": self.state.step, "path": str(path), "norms": norms})
 
     def _epoch_end(self, steps_done: int) -> bool:
         return self.cfg.validation.enabled and self.validator.available and self.schedule.epoch_boundary(steps_done)
@@ -491,34 +494,9 @@ class Trainer:
             self._last_full_val = step
             t0 = time.time()
             result = self.validator.full(step)
-            record = {"kind": "val", "step": step, "epoch": epoch, "mean_dice": result["mean_dice"],
-                      "val_seconds": time.time() - t0, "per_class": result["per_class"],
-                      **{k: result[k] for k in SURFACE_KEYS if k in result}}
-            if self.env.is_main:
-                self.metrics.write(record)
-                # HD95 / NSD means when validation.surface_metrics is on (NaN ones are not sent)
-                self.tracker.log_metrics({"val_mean_dice": result["mean_dice"],
-                                          **{f"val_{k}": result[k] for k in ("mean_hd95", "mean_nsd") if k in result}}, step)
-                plots = self.run_dir / "plots"
-                dice_png = plot_class_dice(result["per_class"], plots / "val_dice.png",
-                                           f"validation Dice per class, step {step} (mean {result['mean_dice']:.3f})")
-                paths = [dice_png, plot_progress(self.metrics.history, plots / "progress.png")]
-                if "preview" in result:
-                    case_id, image, label, pred = result["preview"]
-                    paths.append(plot_preview(image, label, pred, plots / f"val_preview_step{step:09d}.png",
-                                              f"{case_id}, step {step}", self.validator.class_names))
-                for p in paths:
-                    if p is not None:
-                        self.tracker.log_artifact(p, "plots")
-                log.info("validation at step %d: mean foreground Dice %.4f over %d case(s)", step,
-                         result["mean_dice"], result["cases"])
+            self.report.validation(step, epoch, result, time.time() - t0, self.validator.class_names)
         elif v.pseudo_dice_batches > 0:
-            result = self.validator.pseudo_dice(epoch)
-            if self.env.is_main:
-                self.metrics.write({"kind": "pseudo_dice", "step": step, "epoch": epoch, "mean_dice": result["mean_dice"]})
-                self.tracker.log_metrics({"pseudo_dice": result["mean_dice"]}, step)
-                # no plot here: progress.png is redrawn at full validations and at the end, not every
-                # epoch while the other ranks wait at the next collective
+            self.report.pseudo_dice(step, epoch, self.validator.pseudo_dice(epoch)["mean_dice"])
 
     def _final_validation(self) -> None:
         """Full validation at the final step unless it ran, here or (per metrics.jsonl) in an earlier process."""
@@ -526,99 +504,22 @@ class Trainer:
         if not (self.cfg.validation.enabled and self.validator.available) or self._last_full_val == step:
             return
         # only rank 0 keeps the metrics history; any() makes its answer everyone's
-        ran_before = self.env.any(any(r.get("kind") == "val" and r.get("step") == step for r in self.metrics.history))
+        ran_before = self.env.any(self.report.validated_at(step))
         if not ran_before:
             self._validate(step, full=True)
 
-    def _log(self, m: dict, console: Console) -> None:
-        cfg, sched, env = self.cfg, self.schedule, self.env
-        step = m["step"]
-        if os.environ.get("STUNET_LOG_PARAM_NORMS"):  # tests: show that skipped steps change nothing
+    def _log(self, m: dict) -> None:
+        if os.environ.get("STUNET_LOG_PARAM_NORMS"):  # tests: show that skipped steps change nothing (collective)
             m.update(state_norms(self.backend, self.env))
-        if not env.is_main:
-            return
-        dt = max(m["step_time"], 1e-9)
-        rec = {
-            "kind": "train", "step": step, "epoch": sched.epoch(step), "samples_seen": sched.samples_seen(step),
-            "lr": sched.lr(step - 1), "step_time": m["step_time"], "data_wait_frac": m["data_wait"] / dt,
-            "patches_per_s": cfg.schedule.global_batch / dt,
-            "tflops_per_gpu": self.flops_per_sample * cfg.schedule.global_batch / dt / env.world_size / 1e12,
-            "skipped_nonfinite": self.state.skipped_nonfinite, "skipped_spikes": self.state.skipped_spikes,
-            "host_rss_gib": peak_rss_gib(),
-            "total_steps": sched.stop_step, "eta_s": (sched.stop_step - step) * dt,
-        }
-        for key in ("loss", "dice", "ce", "grad_norm", "skipped", "warning", "param_sq", "momentum_sq", "spike_loss",
-                    "spike_limit"):
-            if key in m:
-                rec[key] = m[key]
-        if "loss" in m:
-            self._recent_losses.append(m["loss"])
-            rec["loss_avg"] = sum(self._recent_losses) / len(self._recent_losses)
-            rec["loss_n"] = len(self._recent_losses)
-        if self.backend.device.type == "cuda":
-            rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        console.update(step, rec)
-        if step % cfg.tracking.log_every_steps == 0 or m.get("skipped") or step == sched.stop_step:
-            self.metrics.write(rec)
-            self.tracker.log_metrics({k: v for k, v in rec.items() if isinstance(v, (int, float))
-                                      and k not in ("step", "total_steps")}, step)
+        self.report.train_step(m, self.state)
 
-    def _check_stragglers(self, m: dict) -> None:
-        """Per-rank data wait and compute summed over a log window, compared once per window.
-
-        Compute is the time from the batch being ready to the step's first collective (forward of
-        the first micro-batch): a rank's own work, before any wait for peers. One all-reduce of 2 x world_size floats per log window (each rank fills its own slots), not
-        per step. A rank slower than straggler_factor x the median rank in straggler_windows
-        consecutive windows is named with its host and whether its time goes to data or compute.
-        """
-        t = self.cfg.tracking
-        win = self._straggler_window
-        win[0] += m["data_wait"]
-        # not step_time - data_wait: that includes waiting in collectives for the slow rank, which
-        # makes every rank look as slow as the straggler; up to the first collective is this rank's own
-        win[1] += m["local_compute"]
-        win[2] += 1
-        if m["step"] % t.log_every_steps or self.env.world_size == 1:
-            return
-        world, rank = self.env.world_size, self.env.rank
-        mine = [0.0] * (2 * world)
-        mine[2 * rank], mine[2 * rank + 1] = win[0] / win[2], win[1] / win[2]
-        per_rank = self.env.all_reduce(mine, "sum")
-        self._straggler_window = [0.0, 0.0, 0]
-        totals = [per_rank[2 * r] + per_rank[2 * r + 1] for r in range(world)]
-        median = sorted(totals)[world // 2] if world % 2 else sum(sorted(totals)[world // 2 - 1: world // 2 + 1]) / 2
-        for r in range(world):
-            slow = totals[r] > t.straggler_factor * median
-            self._slow_windows[r] = self._slow_windows.get(r, 0) + 1 if slow else 0
-            if self._slow_windows[r] == t.straggler_windows and self.env.is_main:
-                host = self._rank_hosts[r]
-                data, compute = per_rank[2 * r], per_rank[2 * r + 1]
-                cause = "its data pipeline" if data > compute else "compute"
-                log.warning("straggler: rank %d on %s was slower than %.1fx the median rank in %d consecutive log windows: "
-                            "%.3f s/step data wait + %.3f s/step compute vs a median of %.3f s/step (mostly %s)",
-                            r, host, t.straggler_factor, t.straggler_windows, data, compute, median, cause)
-                self.metrics.write({"kind": "straggler", "step": m["step"], "rank": r, "host": host,
-                                    "data_wait_s": data, "compute_s": compute, "median_s": median})
-
-    def _preempted(self, console: Console) -> int:
+    def _preempted(self) -> int:
         name = signal.Signals(self._preempt_signal).name if self._preempt_signal else "a peer's signal"
         log.warning("preemption (%s): checkpoint at step %d is committed; exiting with %d so the job is requeued",
                     name, self.state.step, EXIT_REQUEUE)
-        if self.env.is_main:
-            (self.run_dir / "REQUEUE").write_text(json.dumps({"step": self.state.step, "signal": name, "time": time.time()}))
-            self.metrics.write({"kind": "preempted", "step": self.state.step, "signal": name})
-        self._finish(console, "KILLED")
+        self.report.preempted(self.state.step, name)
+        self.report.finished("KILLED")
         return EXIT_REQUEUE
-
-    def _finish(self, console: Console, status: str) -> None:
-        console.close()
-        if self.env.is_main:
-            plot = plot_progress(self.metrics.history, self.run_dir / "plots" / "progress.png")
-            if plot is not None:
-                self.tracker.log_artifact(plot, "plots")
-            if status == "FINISHED":
-                (self.run_dir / "REQUEUE").unlink(missing_ok=True)
-        self.tracker.close(status)
 
     def close(self) -> None:
         for sig, old in getattr(self, "_old_handlers", {}).items():
@@ -670,33 +571,7 @@ class Trainer:
             report = initialize_from_pretrained(model, path)
         except (WeightsError, OSError, ValueError) as e:  # refused, unreadable or mismatched: the config names it
             raise config_mod.ConfigError(f"checkpoint.init_from={path!r}: {e}") from None
-        if self.env.is_main:
-            log.info("initialised from %s: %s", path, report)
-            (self.run_dir / "init_from_report.txt").write_text(str(report) + "\n")
-
-    def _write_run_files(self, argv: list[str] | None) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        config_mod.save_config(self.cfg, self.run_dir / "config.yaml")
-        rev = self.git_revision
-        (self.run_dir / "git_revision.txt").write_text((rev or "unknown") + "\n")
-        command = launch_command(argv, self.env.launcher)
-        (self.run_dir / "launch_command.txt").write_text(command + "\n")
-        record = {"time": time.time(), "host": hostname(), "command": command, "git_revision": rev,
-                  "world_size": self.env.world_size, "launcher": self.env.launcher,
-                  "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "restart_count": os.environ.get("SLURM_RESTART_COUNT"),
-                  "torch": torch.__version__}
-        with open(self.run_dir / "launches.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _warn_config_drift(self, path: Path) -> None:
-        try:
-            old = flatten(config_mod.load_config(path / "config.yaml", validate_config=False))
-        except Exception:  # noqa: BLE001
-            return
-        new = flatten(self.cfg)
-        diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and k not in ("run_dir", "checkpoint.resume")}
-        if diff:
-            log.warning("config differs from the checkpoint's: %s", "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+        self.report.initialized_from(path, report)
 
 
 def class_names(cfg) -> list[str]:
@@ -716,45 +591,20 @@ def class_names(cfg) -> list[str]:
     return ["background"] + [f"class_{i}" for i in range(1, cfg.model.num_classes)]
 
 
-def launch_command(argv: list[str] | None, launcher: str = "single") -> str:
-    """The command as launched, e.g. 'torchrun --nproc_per_node=8 --nnodes=1 -m stunet_scale.train --config ...'.
-
-    ``launcher`` is DistEnv.launcher (single | torchrun | accelerate | slurm).
-    """
-    import shlex
-
-    args = sys.argv if argv is None else argv
-    given = os.environ.get("STUNET_LAUNCH_COMMAND")  # set by slurm/launch scripts that know better
-    if given:
-        return given
-    prefix = []
-    if launcher == "accelerate":
-        prefix = ["accelerate", "launch"]
-    elif launcher == "torchrun":
-        local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
-        prefix = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}",
-                  f"--nnodes={int(os.environ.get('WORLD_SIZE', '1')) // local}"]
-    elif launcher == "slurm":
-        prefix = ["srun"]
-    return " ".join(shlex.quote(a) for a in prefix + list(args))
-
-
-def peak_rss_gib() -> float:
-    return peak_rss_bytes() / 2**30
-
-
 _KEEP_UNTIL_EXIT: list = []  # multi-rank trainers, never freed (see run()'s finally)
 
 
 def run(cfg: TrainConfig, data=None, argv: list[str] | None = None) -> int:
-    """Pre-flight, build, train, clean up; returns the process exit code (see stunet_scale.train).
+    """Build, train, clean up; returns the process exit code (see stunet_scale.train). The caller has
+    run ``preflight.validate(cfg)`` (``train/__main__.py`` does, on every rank).
 
     Every way out after MLflow started ends its run as FINISHED, FAILED or KILLED with the reason
     (tracking.end_open_runs), so no failure leaves a run RUNNING in the UI.
     """
-    from . import EXIT_DISK_FULL, EXIT_NO_VALID_CHECKPOINT
+    from .exit_codes import EXIT_DISK_FULL, EXIT_NO_VALID_CHECKPOINT
 
-    preflight(cfg, real_data=data is None)  # ConfigError -> exit 2 before any group, backend or MLflow run
+    # train/__main__.py has run preflight.validate(cfg) on this rank already (ConfigError -> exit 2
+    # before any group, backend or MLflow run); run() starts from a checked config.
     trainer = None
     try:
         trainer = Trainer(cfg, data=data, argv=argv)

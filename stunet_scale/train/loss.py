@@ -156,7 +156,7 @@ class DiceCELoss:
         self.smooth, self.batch_dice = float(smooth), bool(batch_dice)
 
     @classmethod
-    def from_config(cls, loss_cfg) -> "DiceCELoss":
+    def from_config(cls, loss_cfg) -> DiceCELoss:
         return cls(loss_cfg.deep_supervision_weights, loss_cfg.dice_weight, loss_cfg.ce_weight,
                    loss_cfg.dice_smooth, loss_cfg.batch_dice)
 

@@ -65,9 +65,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..config import ConfigError
 
@@ -122,7 +122,7 @@ class Holder:
     command: str = field(default="")
 
     @classmethod
-    def this_process(cls, environ=None) -> "Holder":
+    def this_process(cls, environ=None) -> Holder:
         env = os.environ if environ is None else environ
         return cls(host=socket.gethostname(), pid=os.getpid(), pid_start=process_start_ticks(os.getpid()),
                    boot_id=_read_text("/proc/sys/kernel/random/boot_id"), pid_ns=_pid_namespace(),
@@ -130,7 +130,7 @@ class Holder:
                    since=time.time(), token=uuid.uuid4().hex, command=" ".join(sys.argv)[:500])
 
     @classmethod
-    def from_json(cls, text: str) -> "Holder":
+    def from_json(cls, text: str) -> Holder:
         data = json.loads(text)
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -144,7 +144,7 @@ class Holder:
         since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.since))
         return f"host {self.host}, pid {self.pid}, {job}, since {since}, {self.renewals} renewal(s)"
 
-    def same_host(self, other: "Holder") -> bool:
+    def same_host(self, other: Holder) -> bool:
         return (self.host == other.host and self.boot_id == other.boot_id and self.pid_ns == other.pid_ns
                 and bool(self.boot_id))
 
@@ -366,7 +366,7 @@ class RunLease:
 
 def _exit_without_writing(message: str) -> None:
     """Default on_lost: end this rank at once; the launcher tears down the other ranks."""
-    from . import EXIT_CONFIG
+    from .exit_codes import EXIT_CONFIG
 
     logging.shutdown()
     os._exit(EXIT_CONFIG)

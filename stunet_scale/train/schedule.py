@@ -32,7 +32,7 @@ class Schedule:
     max_steps: int | None
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> "Schedule":
+    def from_config(cls, cfg: TrainConfig) -> Schedule:
         s, o = cfg.schedule, cfg.optim
         ratio = s.global_batch / o.reference_global_batch
         scale = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[o.lr_scaling]

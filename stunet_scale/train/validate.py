@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.stream.source import DataSource
 from ..inference import count_forwards, sliding_window_inference
 from ..surface_metrics import label_map_metrics
 
@@ -92,7 +93,7 @@ def forward_plan(counts_per_rank: list[list[int]]) -> list[list[int]]:
 
 
 class Validator:
-    def __init__(self, cfg, backend, env, data, run_dir: Path, class_names: list[str]):
+    def __init__(self, cfg, backend, env, data: DataSource, run_dir: Path, class_names: list[str]):
         self.cfg, self.backend, self.env, self.data = cfg, backend, env, data
         self.run_dir = Path(run_dir)
         self.class_names = class_names
@@ -110,19 +111,14 @@ class Validator:
 
     def _list_cases(self) -> list[str]:
         try:
-            return list(self.data.list_validation_cases(self.cfg))
-        except Exception as e:  # noqa: BLE001 - a store without a validation split still trains
+            return list(self.data.validation_case_ids())
+        except Exception as e:
             log.warning("no validation cases (%s: %s); validation is off", e.__class__.__name__, e)
             return []
 
     def _case_shapes(self) -> list[tuple[int, ...]]:
-        """Spatial shape of every validation case (rank 0): from the store's manifest when the data
-        module has a store (the shipped loader), else by loading the case."""
-        open_store = getattr(self.data, "open_checked_store", None)
-        if open_store is not None:
-            store = open_store(self.cfg, need="any")
-            return [tuple(int(x) for x in store.meta(c)["shape"][-3:]) for c in self.cases]
-        return [tuple(self._load(c)[1].shape) for c in self.cases]
+        """Spatial shape of every validation case (rank 0), without reading voxels where the source can."""
+        return [tuple(self.data.validation_case_shape(c)) for c in self.cases]
 
     def my_forward_plan(self) -> list[int]:
         """This rank's ``min_forwards`` per case of its share (collective the first time)."""
@@ -131,7 +127,7 @@ class Validator:
             if self.env.is_main:
                 try:
                     shapes = self._case_shapes()
-                except Exception as e:  # noqa: BLE001 - re-raised on every rank below, not only here
+                except Exception as e:
                     shapes = f"{e.__class__.__name__}: {e}"
             shapes = self.env.broadcast_object(shapes)
             if isinstance(shapes, str):  # every rank fails alike instead of the others waiting for rank 0
@@ -147,7 +143,7 @@ class Validator:
 
     def _load(self, case_id: str):
         if self._cache is None or self._cache[0] != case_id:
-            self._cache = (case_id, self.data.load_validation_case(self.cfg, case_id))
+            self._cache = (case_id, self.data.validation_case(case_id))
         return self._cache[1]
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +162,7 @@ class Validator:
         # per class: [hd95 sum, hd95 n (finite), hd95 inf cases, nsd sum, nsd n]
         surface = torch.zeros(self.num_classes, 5, dtype=torch.float64)
         # duck-typed configs without the key (older test stand-ins) keep Dice only
-        with_surface = bool(getattr(v, "surface_metrics", False))
+        with_surface = bool(v.surface_metrics)
         preview = None
         self.backend.eval()
         try:

@@ -95,7 +95,7 @@ class LocalSlurm:
         try:
             if self.conf.exists():
                 subprocess.run(["scancel", "--user", getpass.getuser()], env=self.env(), capture_output=True, timeout=10)
-        except Exception:  # noqa: BLE001 - best effort before the daemons go
+        except Exception:
             pass
         for p in reversed(self.procs):  # slurmd first, munged last
             if p.poll() is None:

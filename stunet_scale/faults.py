@@ -34,7 +34,7 @@ class Faults:
         self.spec = spec or {}
 
     @classmethod
-    def from_env(cls, rank: int) -> "Faults":
+    def from_env(cls, rank: int) -> Faults:
         raw = os.environ.get("STUNET_FAULTS", "").strip()
         return cls(rank, json.loads(raw) if raw else {})
 

@@ -25,7 +25,7 @@ Outside a DataLoader worker ``carve`` returns private tensors and no ticket.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

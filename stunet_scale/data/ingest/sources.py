@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .class_maps import CLASS_MAP_FILES, detect_class_map, load_class_map, source_correspondence
+from ..class_maps import CLASS_MAP_FILES, detect_class_map, load_class_map, source_correspondence
 from .preprocess import affines_close, orthonormality_error
 
 log = logging.getLogger("stunet_scale.prepare")

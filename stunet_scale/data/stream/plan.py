@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
-
-from .augment import draw_params, identity_params
 
 _MASK64 = (1 << 64) - 1
 
@@ -141,6 +140,20 @@ def _case_weights(cases: Sequence[PlanCase], mode: str, train_splits: Sequence[s
     return w / w.sum()
 
 
+def rank_positions(global_batch: int, rank: int, world_size: int) -> list[int]:
+    """Positions of the global batch that rank ``rank`` computes: r, r + W, ..."""
+    if global_batch % world_size:
+        raise ValueError(f"schedule.global_batch={global_batch} is not divisible by {world_size} ranks")
+    return list(range(rank, global_batch, world_size))
+
+
+def micro_batch_indices(global_batch: int, step: int, rank: int, world_size: int, micro: int, micro_batch: int) -> list[int]:
+    """Global sample indices of micro-batch ``micro`` (0-based) of ``rank`` at ``step``. Every data
+    source (the store's, the tests' stand-ins) takes its samples by this rule."""
+    pos = rank_positions(global_batch, rank, world_size)[micro * micro_batch:(micro + 1) * micro_batch]
+    return [step * global_batch + p for p in pos]
+
+
 class SamplePlan:
     """Maps a global sample index to a ``SampleSpec``; the same at every rank, worker and restart.
 
@@ -177,15 +190,10 @@ class SamplePlan:
         return [step * self.global_batch + j for j in range(self.global_batch)]
 
     def rank_positions(self, rank: int, world_size: int) -> list[int]:
-        """Positions of the global batch that rank ``rank`` computes: r, r + W, ..."""
-        if self.global_batch % world_size:
-            raise ValueError(f"schedule.global_batch={self.global_batch} is not divisible by {world_size} ranks")
-        return list(range(rank, self.global_batch, world_size))
+        return rank_positions(self.global_batch, rank, world_size)
 
     def micro_batch_indices(self, step: int, rank: int, world_size: int, micro: int, micro_batch: int) -> list[int]:
-        """Global sample indices of micro-batch ``micro`` (0-based) of ``rank`` at ``step``."""
-        pos = self.rank_positions(rank, world_size)[micro * micro_batch:(micro + 1) * micro_batch]
-        return [step * self.global_batch + p for p in pos]
+        return micro_batch_indices(self.global_batch, step, rank, world_size, micro, micro_batch)
 
     # -- the plan itself ------------------------------------------------------------------------
 
@@ -221,13 +229,13 @@ class SamplePlan:
 
     def noise_key(self, index: int) -> int:
         """The sample's 32-bit noise key. The field itself is generated where the batch is augmented
-        (``augment.add_gaussian_noise_``), as a pure function of this key and the voxel index, so every
+        (``counter_noise.add_gaussian_noise_``), as a pure function of this key and the voxel index, so every
         device computes the same field and none of it travels from the workers."""
         return int(counter_rng(self.seed, index, STREAM_NOISE).integers(0, 1 << 32))
 
     def noise_field(self, index: int, shape: Sequence[int]) -> np.ndarray:
         """The sample's unit Gaussian noise field, float32, as the augmentation adds it (inspection, tests)."""
-        from .augment import gaussian_noise
+        from .counter_noise import gaussian_noise
 
         return gaussian_noise(self.noise_key(index), shape).numpy()
 
@@ -252,3 +260,86 @@ class SamplePlan:
             h.update(np.ascontiguousarray(c.fg_starts, np.int64).tobytes())  # which fg_locations row a forced sample reads
             h.update(np.ascontiguousarray(c.fg_counts, np.int64).tobytes())
         return h.hexdigest()[:16]
+
+
+# The slots of the uniform draws, fixed so that switching one transform off does not change the
+# parameters of any other (nor the case, position or class, which live in other streams).
+_SLOTS_SAMPLE = 20
+_SLOTS_CHANNEL = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation parameters: the plan owns them (drawn from its counter-based generator)
+# --------------------------------------------------------------------------------------------
+
+
+def _bg_contrast(u_half: float, u_val: float, lo: float, hi: float) -> float:
+    # batchgeneratorsv2's BGContrast: 50/50 below or above 1 (when the range straddles 1).
+    if u_half < 0.5 and lo < 1:
+        return lo + (1 - lo) * u_val
+    low = max(lo, 1.0)
+    return low + (hi - low) * u_val
+
+
+def identity_params(channels: int) -> dict[str, np.ndarray]:
+    """Parameters that leave a sample as a centre crop (augmentation off, validation patches)."""
+    return {
+        "spatial": np.array(False),
+        "rotation": np.zeros(3, np.float64),
+        "scale": np.array(1.0),
+        "mirror": np.zeros(3, bool),
+        "noise_std": np.array(0.0, np.float32),
+        "blur_sigma": np.zeros((channels, 3), np.float32),
+        "brightness": np.zeros(channels, np.float32),
+        "contrast": np.zeros(channels, np.float32),
+        "lowres": np.zeros(channels, np.float32),
+        "gamma_inverted": np.zeros(channels, np.float32),
+        "gamma": np.zeros(channels, np.float32),
+    }
+
+
+def draw_params(rng: np.random.Generator, cfg, channels: int) -> dict[str, np.ndarray]:
+    """Every augmentation parameter of one sample from its own generator (``cfg``: AugmentationConfig).
+
+    Factors use 0 for "off" (no valid factor is 0). All slots are drawn whether or not a transform
+    fires, so the layout never shifts.
+    """
+    u = rng.random(_SLOTS_SAMPLE + channels * _SLOTS_CHANNEL)
+    p = identity_params(channels)
+    if not cfg.enabled:
+        return p
+    rotate = u[0] < cfg.rotation_p
+    scale = u[4] < cfg.scaling_p
+    if rotate:
+        r = math.radians(cfg.rotation_max_deg)
+        p["rotation"] = (-r + 2 * r * u[1:4]).astype(np.float64)
+    if scale:
+        lo, hi = cfg.scaling_range
+        p["scale"] = np.array(lo + (hi - lo) * u[5])
+    p["spatial"] = np.array(bool(rotate or scale))
+    if cfg.mirror:
+        allowed = np.zeros(3, bool)
+        allowed[list(cfg.mirror_axes)] = True
+        p["mirror"] = (u[15:18] < 0.5) & allowed
+    if u[6] < cfg.noise_p:
+        lo, hi = cfg.noise_variance
+        p["noise_std"] = np.array(lo + (hi - lo) * u[7], np.float32)
+    blur, bright, contrast = u[9] < cfg.blur_p, u[10] < cfg.brightness_p, u[11] < cfg.contrast_p
+    lowres, gamma_inv, gamma = u[12] < cfg.lowres_p, u[13] < cfg.gamma_inverted_p, u[14] < cfg.gamma_p
+    for c in range(channels):
+        w = u[_SLOTS_SAMPLE + c * _SLOTS_CHANNEL: _SLOTS_SAMPLE + (c + 1) * _SLOTS_CHANNEL]
+        if blur and w[0] < cfg.blur_per_channel_p:
+            lo, hi = cfg.blur_sigma
+            p["blur_sigma"][c] = lo + (hi - lo) * w[1:4]
+        if bright:
+            p["brightness"][c] = _bg_contrast(w[4], w[5], *cfg.brightness_range)
+        if contrast:
+            p["contrast"][c] = _bg_contrast(w[6], w[7], *cfg.contrast_range)
+        if lowres and w[8] < cfg.lowres_per_channel_p:
+            lo, hi = cfg.lowres_zoom
+            p["lowres"][c] = lo + (hi - lo) * w[9]
+        if gamma_inv:
+            p["gamma_inverted"][c] = _bg_contrast(w[10], w[11], *cfg.gamma_range)
+        if gamma:
+            p["gamma"][c] = _bg_contrast(w[12], w[13], *cfg.gamma_range)
+    return p

@@ -38,16 +38,17 @@ offer (and its default node splitter raises at world size > 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from ..config import ConfigError, world_batch_arithmetic
+from ...config import ConfigError, micro_batches_per_rank
+from ..store import REBUILD_HINT, PreparedStore, StoreIntegrityError, decode_wds_sample, iter_wds_groups, wds_key
 from .plan import STREAM_WDS, SamplePlan
 from .readers import ArrayReader, assemble_micro_batch, image_format, normalization
-from .store import REBUILD_HINT, PreparedStore, StoreIntegrityError, decode_wds_sample, iter_wds_groups, wds_key
+from .transforms import finish
 
 _MASK64 = (1 << 64) - 1
 
@@ -231,8 +232,8 @@ class WdsMicroBatches(torch.utils.data.IterableDataset):
         self.start_micro = int(start_step) * accumulation
         self.augment_in_worker = augment_in_worker
         self.epochs = epochs
-        arith = world_batch_arithmetic(cfg, world_size)
-        self.micro_per_epoch = arith["steps_per_epoch"] * accumulation
+        micro_batches_per_rank(cfg.global_batch, cfg.micro_batch, world_size)  # ConfigError naming the key
+        self.micro_per_epoch = -(-cfg.samples_per_epoch // cfg.global_batch) * accumulation
         self.num_workers = max(1, cfg.data.num_workers)
         self.image_format = image_format(store)
 
@@ -251,7 +252,6 @@ class WdsMicroBatches(torch.utils.data.IterableDataset):
         j = self.start_micro + worker
         stop = None if self.epochs is None else (self.start_micro // M + self.epochs) * M
         stream, stream_epoch = None, None
-        from .loader import finish  # late import: loader imports this module lazily
 
         while stop is None or j < stop:
             epoch = j // M

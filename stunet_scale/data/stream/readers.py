@@ -1,14 +1,14 @@
-"""Patch readers: the prepared Zarr store -> raw micro-batches for ``augment.augment_batch``.
+"""Patch readers: the prepared Zarr store -> raw micro-batches for ``transforms.augment_batch``.
 
 A DataLoader worker asks for the global sample indices of one micro-batch; for each sample it
 resolves the plan (``plan.py``), reads from the case's Zarr arrays only the chunks under the voxels
 the sample needs, and writes image (int16 HU; float32 for non-CT stores) and label voxels into the
-raw micro-batch layout of ``augment.allocate_raw``:
+raw micro-batch layout of ``raw_batch.allocate_raw``:
 
 - no rotation/scaling (64 % of samples with nnU-Net's probabilities): the final patch itself, read
   at the crop position of the initial patch and flipped while it is copied;
 - rotated/scaled: only the box of the initial patch (205^3 for 128^3) that the sample's grid
-  touches (``augment.spatial_box_and_affine``), shipped at its own size; nnU-Net always reads and
+  touches (``patch_geometry.spatial_box_and_affine``), shipped at its own size; nnU-Net always reads and
   moves the whole initial patch.
 
 Outside the volume the image is padded with air (-1024 HU; a non-CT store's fill value) and the
@@ -35,15 +35,16 @@ import json
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from .augment import allocate_raw, crop_offset, mirror_view, set_spatial_affine, spatial_box_and_affine, stack_params
+from ..store import IMAGE_FILL, REBUILD_HINT, ZARR_DIR, CheckedArray, PreparedStore, StoreIntegrityError
+from .patch_geometry import crop_offset, mirror_view, spatial_box_and_affine
 from .plan import PlanCase, SamplePlan, resolve_origin
-from .store import IMAGE_FILL, REBUILD_HINT, ZARR_DIR, CheckedArray, PreparedStore, StoreIntegrityError
+from .raw_batch import allocate_raw, set_spatial_affine, stack_params
 
 _MISSING = np.uint64(2**64 - 1)
 
@@ -137,7 +138,7 @@ class UnsupportedLayout(Exception):
 
 
 class ShardReader:
-    """Reads boxes of one sharded Zarr v3 array (``store.write_case_zarr``'s layout) without zarr-python."""
+    """Reads boxes of one sharded Zarr v3 array (``ingest/store_writer.write_case_zarr``'s layout) without zarr-python."""
 
     def __init__(self, array_dir: Path, case_id: str, name: str):
         import numcodecs
@@ -487,7 +488,7 @@ class ZarrPatchReader:
             self._cases.popitem()[1].close()
 
     def read_micro_batch(self, indices: Sequence[int], shared=None) -> dict:
-        """The raw micro-batch of the given global sample indices (``augment.allocate_raw`` layout)."""
+        """The raw micro-batch of the given global sample indices (``raw_batch.allocate_raw`` layout)."""
         specs = [self.plan.sample(i) for i in indices]
         return assemble_micro_batch(specs, [self.case(s.case_id) for s in specs], self.plan, self.channels,
                                     *self.image_format, shared=shared)
@@ -528,7 +529,7 @@ def assemble_micro_batch(specs, handles, plan: SamplePlan, channels: int,
     A handle has ``image``/``label`` box readers, ``shape``, ``norm`` [C, 4], ``image_has_channels``,
     ``num_classes``, ``meta`` (its ``missing_classes`` become ``raw["annotated"]``, see
     ``annotated_mask``) and ``fg_voxel(row)`` (``CaseHandle`` for Zarr, ``WdsCaseHandle`` for decoded tar samples).
-    ``shared``: where the voxel tensors live (``augment.allocate_raw``: False when this process
+    ``shared``: where the voxel tensors live (``raw_batch.allocate_raw``: False when this process
     augments the batch itself, a ``SlabPool`` for recycled shared memory).
     """
     patch, initial = plan.patch, plan.initial

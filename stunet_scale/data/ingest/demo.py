@@ -22,12 +22,12 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from .class_maps import load_class_map
+from ..class_maps import load_class_map
 from .preprocess import ornt_affine
 
 log = logging.getLogger("stunet_scale.demo")
@@ -371,7 +371,9 @@ def write_demo_dataset(out: str | Path, cases: int = 8, seed: int = 0, classes: 
             rot[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
             ras_aff = rot @ ras_aff
         file_aff = ornt_affine(ras_aff, ornt, case_shape)
-        to_file = lambda a: np.ascontiguousarray(apply_ornt(a, ornt))  # noqa: E731
+        def to_file(a, ornt=ornt):
+            return np.ascontiguousarray(apply_ornt(a, ornt))
+
         qcode = 0 if i % 4 == 1 else 1  # like the real dataset, some files carry only an sform
         case_dir = out / case_id
         seg_dir = case_dir / "segmentations"

@@ -41,8 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ...atomic_files import atomic_write_text
+from ...parent_watch import exit_with_parent
+from .. import store as st
 from . import preprocess as pp
-from . import store as st
+from . import store_writer
 from .sources import REASONS, CaseError, DatasetError, RawCase, RawDataset, files_fingerprint, load_case, open_source
 
 log = logging.getLogger("stunet_scale.prepare")
@@ -185,18 +188,12 @@ _NUMBER_LIST = re.compile(r"\[\s+([-+0-9.eE,\s]+?)\s+\]")
 
 
 def _write_json_atomic(path: Path, obj, indent: int | None = None) -> None:
-    """Write JSON to a temp name, fsync, rename. With ``indent``, lists of numbers stay on one line
+    """JSON, written atomically (atomic_files.py). With ``indent``, lists of numbers stay on one line
     (a 1200-case manifest holds ~150k of them)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     text = json.dumps(obj, indent=indent, sort_keys=True)
     if indent is not None:
         text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text + "\n")
 
 
 def _read_json(path: Path):
@@ -372,7 +369,7 @@ def process_case(case: RawCase, ds: RawDataset, opts: PrepareOptions, params: di
     """
     try:
         return _process_case(case, ds, opts, params, lay, shard_path, threads)
-    except Exception as e:  # noqa: BLE001 - recorded, logged, and counted against the quarantine budget
+    except Exception as e:
         import traceback
 
         log.error(f"{case.case_id}: unexpected error\n{traceback.format_exc()}")
@@ -400,14 +397,14 @@ def _process_case(case, ds, opts, params, lay, shard_path, threads) -> dict:
     zarr_files = None
     if opts.zarr:
         tmp = lay.tmp_name(case.case_id, ".zarr")
-        zarr_files = st.write_case_zarr(tmp, img, lab, fg_rows, attrs)
+        zarr_files = store_writer.write_case_zarr(tmp, img, lab, fg_rows, attrs)
         _fault_hook("zarr-written")
         _replace_dir(tmp, lay.zarr / case.case_id)
     entry["zarr_files"] = zarr_files
     wds_bytes = None
     if opts.wds:
         tmp = lay.tmp_name(case.case_id, ".tar")
-        st.write_tar(tmp, st.encode_wds_case(case.case_id, img, lab, fg_rows, entry))
+        store_writer.write_tar(tmp, store_writer.encode_wds_case(case.case_id, img, lab, fg_rows, entry))
         os.replace(tmp, lay.wds_part(case.case_id))
         wds_bytes = lay.wds_part(case.case_id).stat().st_size
     np.save(lay.fg_sample(case.case_id), sample)
@@ -542,7 +539,7 @@ def assemble_shard(shard: dict, lay: Layout, records: dict[str, dict], phash: st
         else:
             raise st.StoreIntegrityError(f"case {c!r}: its WebDataset part is gone and shard {final} does not hold it; re-run prepare")
     tmp = lay.tmp_name(f"shard-{shard['index']:06d}", ".tar")
-    st.write_tar(tmp, members)
+    store_writer.write_tar(tmp, members)
     os.replace(tmp, final)
     rec = {"path": shard["path"], "split": shard["split"], "cases": ok, "case_inputs": inputs, "params_sha256": phash,
            "bytes": final.stat().st_size, "sha256": _sha256_file(final)}
@@ -560,8 +557,6 @@ _WORKER: dict = {}
 
 
 def _init_worker(ds, opts, params, out, threads):
-    from ..parallel.launcher_watch import exit_with_parent
-
     exit_with_parent("stunet-scale prepare")  # a killed prepare must not leave workers writing into `out`
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
@@ -860,7 +855,7 @@ def finalize(ds: RawDataset, opts: PrepareOptions, params: dict, lay: Layout, pl
             "zarr": st.ZARR_DIR if opts.zarr else None,
             "wds": st.WDS_DIR if opts.wds else None,
             "chunks": [st.CHUNK] * 3,
-            "codecs": st.manifest_codecs(),
+            "codecs": store_writer.manifest_codecs(),
             "image_fill_value": st.IMAGE_FILL if params["image_dtype"] == "int16" else 0,
             "array_checksums": "crc32c of the decoded array's C-order little-endian bytes",
         },
@@ -878,9 +873,7 @@ def finalize(ds: RawDataset, opts: PrepareOptions, params: dict, lay: Layout, pl
                        "cases": {c: records[c]["quarantine"]["reason"] for c in quarantined}},
         "software": software_versions(),
     }
-    tmp = lay.quarantine.with_name(f".{lay.quarantine.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in qlines))
-    os.replace(tmp, lay.quarantine)
+    atomic_write_text(lay.quarantine, "".join(line + "\n" for line in qlines))
     _write_json_atomic(lay.manifest, manifest, indent=1)
     frac = len(quarantined) / max(1, len(ds.cases))
     for code, k in sorted(reasons.items()):

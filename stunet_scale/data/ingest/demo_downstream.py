@@ -11,7 +11,7 @@ Here that is
   (``totalseg-major`` has no vertebrae: there the spine was background);
 * **acquisition**: thinner in-plane spacing (1.3-1.7 mm) and 2.5-4 mm slices, and an abdominal field
   of view (the phantom's top and bottom ~15% are cut off, so the lungs and the pelvis are truncated),
-  unlike the demo pretraining set (``stunet_scale.data.demo``: whole torso, ~2.2 mm in-plane);
+  unlike the demo pretraining set (``stunet_scale.data.ingest.demo``: whole torso, ~2.2 mm in-plane);
 * **modality** (``modality="mr"``): an MR-like image instead of CT. Tissue intensities are remapped
   by a non-monotonic curve of HU (fat bright, water-like tissue mid-grey, bone and air dark, organ
   contrasts reordered), times a smooth bias field, with Rician noise; float32, channel name "MR",
@@ -23,7 +23,7 @@ Layout (nnU-Net v2 raw): ``imagesTr/<case>_0000.nii.gz``, ``labelsTr/<case>.nii.
 own format (a list of folds, each ``{"train": [...], "val": [...]}``; one fold here): the first
 ``train_cases`` cases are the labelled training set, the others held-out validation cases. Files are
 stored RAS (identity direction), byte-for-byte reproducible for a seed. Cases come from
-``stunet_scale.data.demo.phantom`` with their own random streams (``[seed, 7001, i]``), so no case is
+``stunet_scale.data.ingest.demo.phantom`` with their own random streams (``[seed, 7001, i]``), so no case is
 one of the pretraining phantoms.
 """
 
@@ -130,7 +130,7 @@ def write_downstream_dataset(out: str | Path, train_cases: int = 3, val_cases: i
     if train_cases < 1 or val_cases < 1:
         raise ValueError(f"need >= 1 training and >= 1 validation case, got {train_cases} and {val_cases}")
     out = Path(out)
-    params = {"generator": "stunet_scale.data.demo_downstream", "train_cases": train_cases, "val_cases": val_cases,
+    params = {"generator": "stunet_scale.data.ingest.demo_downstream", "train_cases": train_cases, "val_cases": val_cases,
               "seed": seed, "modality": modality}
     ds_path = out / "dataset.json"
     if ds_path.is_file() and (out / NNUNET_SPLITS_FILE).is_file():
